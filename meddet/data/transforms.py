@@ -1,0 +1,250 @@
+"""MONAI transform chains of the detection bundles: loading, resampling, box frames, patch sampling, augmentation.
+
+Every chain works on dictionaries with the keys `image` (file path(s), then a channel-first MetaTensor),
+`box` (world `cccwhd` mm in a datalist, voxel `xyzxyz` after `BoxesWorldToVoxeld`) and `label` (0-based).
+The chains are built by functions so that all bundles share one definition and expose only the knobs a
+user changes (spacing, intensity window, patch size, augmentation strength) as config keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.apps.detection.transforms.dictionary import (
+    BoxToMaskd,
+    ClipBoxToImaged,
+    MaskToBoxd,
+    RandCropBoxByPosNegLabeld,
+    RandFlipBoxd,
+    RandZoomBoxd,
+)
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    DeleteItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotated,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from meddet.data.boxes import boxes_voxel_to_world, boxes_world_to_voxel
+
+# Orientationd warns in MONAI 1.6 unless the axis labels are explicit (the default changes later).
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def _lps_to_ras(boxes_cccwhd: np.ndarray) -> np.ndarray:
+    """LPS and RAS differ by the sign of the first two world axes; sizes are unchanged."""
+    boxes = np.array(boxes_cccwhd, dtype=np.float64, copy=True).reshape(-1, 6)
+    boxes[:, :2] *= -1
+    return boxes
+
+
+class BoxesWorldToVoxeld(MapTransform):
+    """World `cccwhd` boxes (mm) -> voxel `xyzxyz` boxes of `image_key`'s current grid (its MetaTensor affine).
+
+    Run it after any resampling/reorientation of the image so boxes follow the grid the network sees.
+    `affine_lps_to_ras=True` reads the boxes as LPS world coordinates (ITK/mhd/DICOM datasets such as
+    LUNA16) while MONAI's image affines are RAS.
+    """
+
+    def __init__(self, box_keys: KeysCollection, image_key: str = "image", affine_lps_to_ras: bool = False):
+        super().__init__(box_keys)
+        self.image_key = image_key
+        self.affine_lps_to_ras = affine_lps_to_ras
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        affine = d[self.image_key].affine
+        for key in self.key_iterator(d):
+            boxes = np.asarray(d[key], dtype=np.float64).reshape(-1, 6)
+            if self.affine_lps_to_ras:
+                boxes = _lps_to_ras(boxes)
+            d[key] = torch.as_tensor(boxes_world_to_voxel(boxes, affine), dtype=torch.float32)
+        return d
+
+
+class BoxesVoxelToWorldd(MapTransform):
+    """Voxel `xyzxyz` boxes of `image_key`'s grid -> world `cccwhd` boxes (mm); the inverse of `BoxesWorldToVoxeld`."""
+
+    def __init__(self, box_keys: KeysCollection, image_key: str = "image", affine_lps_to_ras: bool = False):
+        super().__init__(box_keys)
+        self.image_key = image_key
+        self.affine_lps_to_ras = affine_lps_to_ras
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        affine = d[self.image_key].affine
+        for key in self.key_iterator(d):
+            boxes = boxes_voxel_to_world(torch.as_tensor(d[key]).detach().cpu().reshape(-1, 6).double(), affine)
+            boxes = boxes.numpy()
+            if self.affine_lps_to_ras:
+                boxes = _lps_to_ras(boxes)
+            d[key] = torch.as_tensor(boxes, dtype=torch.float32)
+        return d
+
+
+def _labels_as_long(keys: KeysCollection) -> EnsureTyped:
+    return EnsureTyped(keys=keys, dtype=torch.long, track_meta=False)
+
+
+def loading_transforms(
+    spacing: Sequence[float],
+    intensity_clip: Sequence[float],
+    intensity_mean: float,
+    intensity_std: float,
+    affine_lps_to_ras: bool = False,
+    with_boxes: bool = True,
+) -> list:
+    """Load, reorient to RAS, resample to `spacing`, clip + z-score intensities, boxes to voxel.
+
+    Intensity normalisation is CT-style (nnDetection/nnU-Net): clip to the planned foreground
+    percentiles, subtract the foreground mean, divide by its std; one linear map does all three.
+    """
+    low, high = float(intensity_clip[0]), float(intensity_clip[1])
+    chain = [
+        LoadImaged(keys="image", image_only=False, ensure_channel_first=False),
+        EnsureChannelFirstd(keys="image"),
+        EnsureTyped(keys="image", dtype=torch.float32),
+        Orientationd(keys="image", axcodes="RAS", labels=RAS_LABELS),
+        Spacingd(keys="image", pixdim=tuple(float(s) for s in spacing), mode="bilinear", padding_mode="border"),
+        ScaleIntensityRanged(
+            keys="image",
+            a_min=low,
+            a_max=high,
+            b_min=(low - intensity_mean) / intensity_std,
+            b_max=(high - intensity_mean) / intensity_std,
+            clip=True,
+        ),
+    ]
+    if with_boxes:
+        chain += _boxes_to_voxel(affine_lps_to_ras)
+    return chain
+
+
+def _boxes_to_voxel(affine_lps_to_ras: bool) -> list:
+    return [
+        BoxesWorldToVoxeld(box_keys="box", image_key="image", affine_lps_to_ras=affine_lps_to_ras),
+        _labels_as_long("label"),
+    ]
+
+
+def training_transforms(
+    patch_size: Sequence[int],
+    spacing: Sequence[float],
+    intensity_clip: Sequence[float],
+    intensity_mean: float,
+    intensity_std: float,
+    affine_lps_to_ras: bool = False,
+    num_samples: int = 1,
+    foreground_ratio: float = 0.5,
+    augment: bool = True,
+) -> Compose:
+    """Loading + object-balanced patch sampling + nnDetection-like augmentation.
+
+    Sampling: each drawn patch holds at least one whole object with probability `foreground_ratio`
+    (the object sits at a random offset inside the patch, not centred); otherwise the patch centre is
+    drawn from the rest of the volume. Volumes smaller than the patch are padded first.
+    Augmentation (nnDetection's recipe in MONAI box-aware transforms): scaling 0.7-1.4 p0.2, in-plane
+    rotation +-30 deg p0.2 (boxes re-derived from the rotated box masks), mirroring on all axes,
+    Gaussian noise, Gaussian blur, brightness 0.75-1.25, contrast, gamma 0.7-1.5.
+    """
+    if not 0.0 <= foreground_ratio <= 1.0:
+        raise ValueError(f"foreground_ratio must lie in [0, 1], got {foreground_ratio}")
+    patch_size = tuple(int(p) for p in patch_size)
+    # Padding updates the image affine, so boxes are converted to voxels after it.
+    chain = loading_transforms(spacing, intensity_clip, intensity_mean, intensity_std, with_boxes=False)
+    chain += [
+        SpatialPadd(keys="image", spatial_size=patch_size, mode="constant",
+                    value=float((intensity_clip[0] - intensity_mean) / intensity_std)),
+        *_boxes_to_voxel(affine_lps_to_ras),
+        RandCropBoxByPosNegLabeld(
+            image_keys="image",
+            box_keys="box",
+            label_keys="label",
+            spatial_size=patch_size,
+            whole_box=True,
+            num_samples=num_samples,
+            pos=foreground_ratio,
+            neg=1.0 - foreground_ratio,
+        ),
+    ]
+    if augment:
+        chain += _augmentation(patch_size)
+    chain += [
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys="box", dtype=torch.float32, track_meta=False),
+        _labels_as_long("label"),
+        DeleteItemsd(keys=["image_meta_dict", "image_transforms"]),
+    ]
+    return Compose(chain)
+
+
+def _augmentation(patch_size: Sequence[int]) -> list:
+    spatial = [
+        RandZoomBoxd(
+            image_keys="image", box_keys="box", box_ref_image_keys="image", prob=0.2,
+            min_zoom=0.7, max_zoom=1.4, padding_mode="constant", keep_size=True,
+        ),
+        ClipBoxToImaged(box_keys="box", label_keys="label", box_ref_image_keys="image", remove_empty=True),
+        *[RandFlipBoxd(image_keys="image", box_keys="box", box_ref_image_keys="image", prob=0.5, spatial_axis=axis)
+          for axis in range(3)],
+        BoxToMaskd(box_keys="box", label_keys="label", box_mask_keys="box_mask", box_ref_image_keys="image",
+                   min_fg_label=0, ellipse_mask=True),
+        RandRotated(keys=["image", "box_mask"], mode=["bilinear", "nearest"], prob=0.2,
+                    range_z=math.pi / 6, keep_size=True, padding_mode="zeros"),
+        MaskToBoxd(box_keys="box", label_keys="label", box_mask_keys="box_mask", min_fg_label=0),
+        DeleteItemsd(keys="box_mask"),
+    ]
+    intensity = [
+        RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1),
+        RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
+        RandScaleIntensityFixedMeand(keys="image", prob=0.15, factors=0.25),
+        RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.7, 1.5), retain_stats=True),
+    ]
+    return spatial + intensity
+
+
+def validation_transforms(
+    spacing: Sequence[float],
+    intensity_clip: Sequence[float],
+    intensity_mean: float,
+    intensity_std: float,
+    affine_lps_to_ras: bool = False,
+) -> Compose:
+    """Whole volumes with ground truth in voxel boxes, for validation and evaluation."""
+    chain = loading_transforms(spacing, intensity_clip, intensity_mean, intensity_std, affine_lps_to_ras)
+    chain += [EnsureTyped(keys="box", dtype=torch.float32, track_meta=False)]
+    return Compose(chain)
+
+
+def inference_transforms(
+    spacing: Sequence[float],
+    intensity_clip: Sequence[float],
+    intensity_mean: float,
+    intensity_std: float,
+) -> Compose:
+    """Whole volumes without ground truth; the image keeps its MetaTensor affine for `postprocessing`."""
+    chain = loading_transforms(spacing, intensity_clip, intensity_mean, intensity_std, with_boxes=False)
+    # a datalist used for inference may carry ground truth; it stays out of the prediction path
+    return Compose([*chain, DeleteItemsd(keys=["box", "label"])])
+
+
+def postprocessing(affine_lps_to_ras: bool = False, pred_box_key: str = "box") -> Compose:
+    """Predicted voxel boxes of the preprocessed grid -> world `cccwhd` boxes in the datalist's frame."""
+    return Compose([BoxesVoxelToWorldd(box_keys=pred_box_key, image_key="image", affine_lps_to_ras=affine_lps_to_ras)])
