@@ -109,3 +109,30 @@ def test_negative_cases_still_give_patches(tmp_path):
     for patch in chain(item):
         assert tuple(patch["image"].shape) == (1, 24, 24, 16)
         assert patch["box"].shape == (0, 6) and patch["label"].shape == (0,)
+
+
+@pytest.mark.parametrize("angle", [0.4, -0.5])
+def test_rotation_moves_boxes_with_the_ellipsoid(angle):
+    from meddet.data.transforms import RandRotateBoxd
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) + 0.5 for n in (64, 64, 16)],
+                                      indexing="ij"))
+    box = torch.tensor([[14.0, 22.0, 4.0, 34.0, 32.0, 12.0]])  # off-centre, elongated in x
+    centre, half = (box[0, :3] + box[0, 3:]) / 2, (box[0, 3:] - box[0, :3]) / 2
+    inside = (((grid - centre[:, None, None, None]) / half[:, None, None, None]) ** 2).sum(0) <= 1
+    image = inside[None].float()
+    rotate = RandRotateBoxd(prob=1.0, max_angle=abs(angle))
+    rotate.randomize = lambda data=None: (setattr(rotate, "_do_transform", True), setattr(rotate, "angle", angle))
+    out = rotate({"image": image, "box": box})
+    voxels = torch.nonzero(out["image"][0] > 0.5).float()
+    expected = torch.cat([voxels.min(0).values, voxels.max(0).values + 1])
+    np.testing.assert_allclose(out["box"][0].numpy(), expected.numpy(), atol=1.0)
+    assert not torch.allclose(out["box"], box)
+
+
+def test_rotation_leaves_unrotated_boxes_exactly_alone():
+    from meddet.data.transforms import RandRotateBoxd
+
+    box = torch.tensor([[3.2, 4.7, 5.1, 12.8, 11.3, 9.9]])
+    out = RandRotateBoxd(prob=0.0)({"image": torch.zeros(1, 16, 16, 16), "box": box})
+    assert torch.equal(out["box"], box)

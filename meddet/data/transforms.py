@@ -14,9 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.apps.detection.transforms.dictionary import (
-    BoxToMaskd,
     ClipBoxToImaged,
-    MaskToBoxd,
     RandCropBoxByPosNegLabeld,
     RandFlipBoxd,
     RandZoomBoxd,
@@ -33,7 +31,8 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandGaussianNoised,
     RandGaussianSmoothd,
-    RandRotated,
+    RandomizableTransform,
+    Rotate,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     ScaleIntensityRanged,
@@ -194,6 +193,53 @@ def training_transforms(
     return Compose(chain)
 
 
+class RandRotateBoxd(RandomizableTransform, MapTransform):
+    """In-plane (x-y) rotation about the patch centre by an angle in [-max_angle, max_angle], with probability
+    `prob`, of the image and its voxel `xyzxyz` boxes.
+
+    Boxes are moved analytically as the ellipsoids inscribed in them (lesions are roughly ellipsoidal): the
+    centre rotates with the image and the in-plane half-sizes become those of the rotated ellipse,
+    sqrt((a cos t)^2 + (b sin t)^2) and sqrt((a sin t)^2 + (b cos t)^2). MONAI's recipe instead rasterises
+    boxes to masks and back (BoxToMaskd/MaskToBoxd), which floors fractional corners and so shifts every
+    resampled box by up to a voxel even when no rotation happens.
+    """
+
+    def __init__(self, image_key: str = "image", box_key: str = "box", prob: float = 0.2,
+                 max_angle: float = math.pi / 6):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, [image_key, box_key])
+        self.image_key, self.box_key, self.max_angle = image_key, box_key, float(max_angle)
+        self.angle = 0.0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.angle = float(self.R.uniform(-self.max_angle, self.max_angle))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        image = d[self.image_key]
+        # Rotate with angle (0, 0, t) maps an offset (dx, dy) from the centre to (c dx + s dy, -s dx + c dy)
+        d[self.image_key] = Rotate(angle=(0.0, 0.0, self.angle), keep_size=True, mode="bilinear",
+                                   padding_mode="border")(image)
+        boxes = torch.as_tensor(d[self.box_key], dtype=torch.float32).clone().reshape(-1, 6)
+        if len(boxes):
+            cos, sin = math.cos(self.angle), math.sin(self.angle)
+            centre = torch.tensor(image.shape[1:3], dtype=torch.float32) / 2  # box coordinates of the centre
+            offset = (boxes[:, :2] + boxes[:, 3:5]) / 2 - centre
+            half = (boxes[:, 3:5] - boxes[:, :2]) / 2
+            new_offset = torch.stack([cos * offset[:, 0] + sin * offset[:, 1],
+                                      -sin * offset[:, 0] + cos * offset[:, 1]], dim=1)
+            new_half = torch.stack([torch.hypot(half[:, 0] * cos, half[:, 1] * sin),
+                                    torch.hypot(half[:, 0] * sin, half[:, 1] * cos)], dim=1)
+            boxes[:, :2] = centre + new_offset - new_half
+            boxes[:, 3:5] = centre + new_offset + new_half
+        d[self.box_key] = boxes
+        return d
+
+
 def _augmentation(patch_size: Sequence[int]) -> list:
     spatial = [
         RandZoomBoxd(
@@ -203,12 +249,8 @@ def _augmentation(patch_size: Sequence[int]) -> list:
         ClipBoxToImaged(box_keys="box", label_keys="label", box_ref_image_keys="image", remove_empty=True),
         *[RandFlipBoxd(image_keys="image", box_keys="box", box_ref_image_keys="image", prob=0.5, spatial_axis=axis)
           for axis in range(3)],
-        BoxToMaskd(box_keys="box", label_keys="label", box_mask_keys="box_mask", box_ref_image_keys="image",
-                   min_fg_label=0, ellipse_mask=True),
-        RandRotated(keys=["image", "box_mask"], mode=["bilinear", "nearest"], prob=0.2,
-                    range_z=math.pi / 6, keep_size=True, padding_mode="zeros"),
-        MaskToBoxd(box_keys="box", label_keys="label", box_mask_keys="box_mask", min_fg_label=0),
-        DeleteItemsd(keys="box_mask"),
+        RandRotateBoxd(image_key="image", box_key="box", prob=0.2, max_angle=math.pi / 6),
+        ClipBoxToImaged(box_keys="box", label_keys="label", box_ref_image_keys="image", remove_empty=True),
     ]
     intensity = [
         RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1),
