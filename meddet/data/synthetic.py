@@ -35,17 +35,17 @@ __all__ = ["PRESETS", "synthesize_case", "generate_dataset"]
 
 #: Dataset presets. Ranges are (low, high) drawn uniformly per case unless stated.
 PRESETS: dict[str, dict] = {
-    # Learnable by a tiny CPU detector in minutes: small volumes, fixed spacing, bright 6-20 mm lesions.
+    # Learnable by a tiny CPU detector in minutes: small volumes, fixed spacing, bright 8-24 mm lesions.
     "easy": {
         "num_training": 24,
-        "num_validation": 8,
+        "num_validation": 12,
         "shape_min": (48, 48, 32),
         "shape_max": (64, 64, 40),
         "in_plane_spacing_mm": (1.5, 1.5),
         "slice_spacing_mm": (2.0, 2.0),
         "max_lesions": 3,
         "empty_fraction": 0.1,  # share of cases without lesions; the others have 1..max_lesions
-        "lesion_diameter_mm": (6.0, 20.0),  # log-uniform
+        "lesion_diameter_mm": (8.0, 24.0),  # log-uniform
         "lesion_contrast_hu": (300.0, 500.0),
         "lesion_in_lung_fraction": 0.9,
         "lesion_max_tilt_deg": 20.0,

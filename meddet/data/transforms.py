@@ -58,41 +58,27 @@ class BoxesWorldToVoxeld(MapTransform):
 
     Run it after any resampling/reorientation of the image so boxes follow the grid the network sees.
     `affine_lps_to_ras=True` reads the boxes as LPS world coordinates (ITK/mhd/DICOM datasets such as
-    LUNA16) while MONAI's image affines are RAS.
+    LUNA16) while MONAI's image affines are RAS. `to_world=True` is the inverse (voxel -> world).
     """
 
-    def __init__(self, box_keys: KeysCollection, image_key: str = "image", affine_lps_to_ras: bool = False):
+    def __init__(self, box_keys: KeysCollection, image_key: str = "image", affine_lps_to_ras: bool = False,
+                 to_world: bool = False):
         super().__init__(box_keys)
         self.image_key = image_key
         self.affine_lps_to_ras = affine_lps_to_ras
+        self.to_world = to_world
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         affine = d[self.image_key].affine
         for key in self.key_iterator(d):
-            boxes = np.asarray(d[key], dtype=np.float64).reshape(-1, 6)
-            if self.affine_lps_to_ras:
-                boxes = _lps_to_ras(boxes)
-            d[key] = torch.as_tensor(boxes_world_to_voxel(boxes, affine), dtype=torch.float32)
-        return d
-
-
-class BoxesVoxelToWorldd(MapTransform):
-    """Voxel `xyzxyz` boxes of `image_key`'s grid -> world `cccwhd` boxes (mm); the inverse of `BoxesWorldToVoxeld`."""
-
-    def __init__(self, box_keys: KeysCollection, image_key: str = "image", affine_lps_to_ras: bool = False):
-        super().__init__(box_keys)
-        self.image_key = image_key
-        self.affine_lps_to_ras = affine_lps_to_ras
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        affine = d[self.image_key].affine
-        for key in self.key_iterator(d):
-            boxes = boxes_voxel_to_world(torch.as_tensor(d[key]).detach().cpu().reshape(-1, 6).double(), affine)
-            boxes = boxes.numpy()
-            if self.affine_lps_to_ras:
-                boxes = _lps_to_ras(boxes)
+            boxes = torch.as_tensor(d[key]).detach().cpu().double().reshape(-1, 6).numpy()
+            if self.to_world:
+                boxes = boxes_voxel_to_world(boxes, affine)
+                boxes = _lps_to_ras(boxes) if self.affine_lps_to_ras else boxes
+            else:
+                boxes = _lps_to_ras(boxes) if self.affine_lps_to_ras else boxes
+                boxes = boxes_world_to_voxel(boxes, affine)
             d[key] = torch.as_tensor(boxes, dtype=torch.float32)
         return d
 
@@ -289,4 +275,5 @@ def inference_transforms(
 
 def postprocessing(affine_lps_to_ras: bool = False, pred_box_key: str = "box") -> Compose:
     """Predicted voxel boxes of the preprocessed grid -> world `cccwhd` boxes in the datalist's frame."""
-    return Compose([BoxesVoxelToWorldd(box_keys=pred_box_key, image_key="image", affine_lps_to_ras=affine_lps_to_ras)])
+    return Compose([BoxesWorldToVoxeld(box_keys=pred_box_key, image_key="image", affine_lps_to_ras=affine_lps_to_ras,
+                                       to_world=True)])

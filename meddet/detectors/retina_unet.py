@@ -116,7 +116,8 @@ class RetinaUNetDetector(nn.Module):
             raise ValueError(f"reg_loss must be one of {_REG_LOSSES}, got {reg_loss!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        strides = getattr(network, "detection_strides", None)
+        # DistributedDataParallel hides the wrapped module's attributes behind `.module`
+        strides = getattr(getattr(network, "module", network), "detection_strides", None)
         if not strides:
             raise ValueError(f"network {type(network).__name__} has no `detection_strides` (e.g. (4, 8, 16, 32))")
         self.detection_strides = tuple(int(s) for s in strides)

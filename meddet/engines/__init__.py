@@ -1,0 +1,19 @@
+"""Training and evaluation workflows: iteration steps for MONAI engines, schedules, handlers."""
+
+from meddet.engines.handlers import EvaluationReport, LatestCheckpoint, PredictionWriter
+from meddet.engines.optim import parameter_groups
+from meddet.engines.schedulers import WarmupPoly, warmup_poly_scheduler
+from meddet.engines.steps import DetectionTrainStep, detection_eval_step, detection_train_step, flatten_samples
+
+__all__ = [
+    "DetectionTrainStep",
+    "EvaluationReport",
+    "LatestCheckpoint",
+    "PredictionWriter",
+    "WarmupPoly",
+    "detection_eval_step",
+    "detection_train_step",
+    "flatten_samples",
+    "parameter_groups",
+    "warmup_poly_scheduler",
+]

@@ -1,0 +1,94 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import generate_bundles  # noqa: E402
+from variants import VARIANTS  # noqa: E402
+
+
+def test_committed_bundles_match_the_variant_table():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate_bundles.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_fails_when_the_table_changes_without_regenerating():
+    changed = copy.deepcopy(VARIANTS)
+    changed[3]["version"] = "0.1.1"
+    stale = generate_bundles.differences(REPO, changed)
+    assert sorted(stale) == ["bundle_index.json (differs)", f"bundles/{changed[3]['name']}/configs/metadata.json (differs)"]
+    assert generate_bundles.differences(REPO, VARIANTS) == []
+
+
+def test_every_bundle_has_the_model_zoo_keys():
+    for variant in VARIANTS:
+        configs = os.path.join(REPO, "bundles", variant["name"], "configs")
+        with open(os.path.join(configs, "train.json")) as f:
+            train = json.load(f)
+        with open(os.path.join(configs, "inference.json")) as f:
+            inference = json.load(f)
+        for key in ("bundle_root", "device", "dataset_dir", "data_list_file_path", "output_dir", "ckpt_dir", "amp",
+                    "patch_size", "network_def", "network", "inferer", "detector", "detector_ops",
+                    "initialize", "run", "finalize"):
+            assert key in train and key in inference, key
+        assert "trainer" in train["train"] and "max_epochs" in train["train"]["trainer"]
+        assert {"dataset", "handlers", "preprocessing"} <= set(train["train"])
+        assert {"evaluator", "handlers", "dataset"} <= set(train["validate"])
+        assert {"preprocessing", "postprocessing"} <= set(inference)
+        with open(os.path.join(configs, "metadata.json")) as f:
+            metadata = json.load(f)
+        assert metadata["version"] == variant["version"] and variant["version"] in metadata["changelog"]
+        assert "meddet" in metadata["required_packages_version"]
+
+
+def test_smoke_preset_overrides_only_top_level_keys():
+    # one smoke file merges over train.json, evaluate.json and inference.json alike only if it never
+    # reaches into a nested section that one of them lacks
+    for variant in VARIANTS:
+        with open(os.path.join(REPO, "bundles", variant["name"], "configs", "smoke.json")) as f:
+            smoke = json.load(f)
+        assert all("#" not in key and "::" not in key for key in smoke)
+
+
+def test_the_collection_has_every_detector_and_initialisation():
+    names = {v["name"] for v in VARIANTS}
+    inits = ("scratch", "mae", "s3d", "mg", "voco", "multitalent")
+    assert names == ({f"retinaunet_resencl_{i}_detection" for i in inits}
+                     | {f"defdetr_resencl_{i}_detection" for i in inits}
+                     | {"retinaunet_nndet_scratch_detection", "retinaunet_nndet_multitalent_detection"})
+
+
+def test_pretrained_bundles_fetch_their_released_checkpoint():
+    for variant in VARIANTS:
+        folder = os.path.join(REPO, "bundles", variant["name"])
+        with open(os.path.join(folder, "configs", "train.json")) as f:
+            train = json.load(f)
+        if variant["initialisation"] == "scratch":
+            assert train["pretrained_checkpoint"] == ""
+            assert not os.path.exists(os.path.join(folder, "large_files.yml"))
+            continue
+        repo = {"multitalent_native": "RetinaUNet-MissingPiece-MultiTalent"}.get(
+            variant["initialisation"], f"ResEncL-MissingPiece-{variant['initialisation']}")
+        with open(os.path.join(folder, "large_files.yml")) as f:
+            text = f.read()
+        url = f"https://huggingface.co/MIC-DKFZ/{repo}/resolve/main/checkpoint_final.pth"
+        assert url.lower() in text.lower() and "models/checkpoint_final.pth" in text
+        assert train["pretrained_checkpoint"] == "$@bundle_root + '/models/checkpoint_final.pth'"
+        assert any("initialize_from_pretrained" in step for step in train["initialize"])
+        with open(os.path.join(folder, "configs", "metadata.json")) as f:
+            pretraining = json.load(f)["meddet"]["pretraining"]
+        assert pretraining["source"].lower() == url.lower() and pretraining["license"] == "CC-BY-4.0"
+
+
+def test_bundle_names_must_contain_detection():
+    bad = copy.deepcopy(VARIANTS[:1])
+    bad[0]["name"] = "retinaunet_resencl_scratch"
+    with pytest.raises(ValueError, match="detection"):
+        generate_bundles.render_all(bad)

@@ -1,0 +1,767 @@
+"""Bundle file templates: one function per file, each a plain function of a variant-table row.
+
+Config conventions (DESIGN §7): every size a user or the smoke preset changes is a TOP-LEVEL key referenced
+with `@key`, so that one override file (`configs/smoke.json`, a planning output) merges over train.json,
+evaluate.json and inference.json alike. Components come from `meddet` by full dotted path.
+"""
+
+from __future__ import annotations
+
+import meddet
+from variants import FAMILIES, HF, INITIALISATIONS, PAPER
+
+MEDDET_REQUIREMENT = meddet.__version__
+MONAI_VERSION = "1.6.1"
+PYTORCH_VERSION = "2.14.1"
+NUMPY_VERSION = "2.3.5"
+
+IMPORTS = [
+    "$import os",
+    "$import json",
+    "$import torch",
+    "$import monai",
+    "$import ignite",
+    "$import meddet",
+    "$import meddet.data",
+    "$import meddet.data.transforms",
+    "$import meddet.engines",
+    "$import meddet.engines.freeze",
+    "$import meddet.metrics",
+    "$import meddet.pretrained",
+]
+
+# a literal version: MONAI parses `$` expressions as Python before substituting `@` references here
+VERSION_CHECK = f"$__import__('meddet').require_version('{MEDDET_REQUIREMENT}')"
+
+# Defaults planned by `python tools/plan.py` on the `realistic` synthetic preset (generic CT lesions):
+# re-plan on your own training datalist and pass the written file as an extra config.
+GENERIC_PLAN = {
+    "spacing": [0.8, 0.8, 2.0],
+    "intensity_clip": [-1000.0, 500.0],
+    "intensity_mean": -450.0,
+    "intensity_std": 420.0,
+}
+GENERIC_PLAN_ANCHORS = {
+    "anchor_shapes": [[w, h, d] for w in (4, 8, 14) for h in (4, 8, 14) for d in (2, 4, 6)],
+}
+
+
+def family(variant: dict) -> dict:
+    return FAMILIES[variant["family"]]
+
+
+def pretraining(variant: dict) -> dict | None:
+    return INITIALISATIONS[variant["initialisation"]]
+
+
+def is_detr(variant: dict) -> bool:
+    return family(variant)["detector"] == "defdetr"
+
+
+def title(variant: dict) -> str:
+    spec = pretraining(variant)
+    return f"{family(variant)['title']}, " + (f"{spec['method']} pre-trained encoder" if spec
+                                               else "trained from scratch")
+
+
+def network_def(variant: dict) -> dict:
+    spec = family(variant)
+    config = {
+        "_target_": spec["network_factory"],
+        "in_channels": "@in_channels",
+        "num_classes": "@num_classes",
+        "features_per_stage": "@encoder_features",
+        "strides": "@encoder_strides",
+    }
+    if "encoder_blocks" in spec["network"]:
+        config["blocks_per_stage"] = "@encoder_blocks"
+    if is_detr(variant):
+        config.update({"num_queries": "@num_queries", "feature_levels": "@detection_levels", "d_model": "@d_model",
+                       "num_encoder_layers": "@num_encoder_layers", "num_decoder_layers": "@num_decoder_layers",
+                       "n_heads": "@num_heads", "n_points": "@num_points", "dim_feedforward": "@dim_feedforward"})
+    else:
+        config.update({"num_anchors": "@num_anchors", "detection_levels": "@detection_levels",
+                       "fpn_channels": "@fpn_channels", "head_convs": "@head_convs"})
+    return config
+
+
+def detector_keys(variant: dict) -> dict:
+    """Detector-specific top-level keys: the anchors or queries and the detector component."""
+    if is_detr(variant):
+        return {
+            # max(12, 3 x 95th percentile of objects per training patch): planned by tools/plan.py
+            "num_queries": 12,
+            "d_model": 128,
+            "num_heads": 8,
+            "num_points": 4,
+            "num_encoder_layers": 3,
+            "num_decoder_layers": 6,
+            "dim_feedforward": 1024,
+            "detector": {
+                "_target_": "meddet.detectors.DeformableDETRDetector",
+                "network": "@network",
+                "num_classes": "@num_classes",
+                "detections_per_patch": "$max(@num_queries, 1)",
+                "inferer": "@inferer",
+            },
+        }
+    return {
+        **{key: GENERIC_PLAN_ANCHORS[key] for key in ("anchor_shapes",)},
+        "num_anchors": "$len(@anchor_shapes)",
+        "fpn_channels": 128,
+        "head_convs": 2,
+        "detector": {
+            "_target_": "meddet.detectors.RetinaUNetDetector",
+            "network": "@network",
+            "anchor_shapes": "@anchor_shapes",
+            "num_classes": "@num_classes",
+            "inferer": "@inferer",
+        },
+    }
+
+
+def common_keys(variant: dict) -> dict:
+    """Top-level keys shared by train.json and inference.json: paths, data geometry, network, detector."""
+    network = family(variant)["network"]
+    keys = {
+        "imports": IMPORTS,
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "amp": "$torch.cuda.is_available()",
+        "dataset_dir": "/workspace/data",
+        "data_list_file_path": "$@dataset_dir + '/datalist.json'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "num_classes": 1,
+        "class_names": ["lesion"],
+        "in_channels": 1,
+        "affine_lps_to_ras": False,
+        **GENERIC_PLAN,
+        "patch_size": [128, 128, 128],
+        "encoder_features": network["encoder_features"],
+        "encoder_strides": network["encoder_strides"],
+        **({"encoder_blocks": network["encoder_blocks"]} if "encoder_blocks" in network else {}),
+        "detection_levels": network["detection_levels"],
+        "sw_overlap": 0.5,
+        "sw_batch_size": 1,
+        "tta_mirror_axes": [0, 1, 2],
+        "score_thresh": 0.05,
+        "detections_per_image": 100,
+        "network_def": network_def(variant),
+        "network": "$@network_def.to(@device)",
+        "inferer": {
+            "_target_": "meddet.inference.SlidingWindowBoxInferer",
+            "roi_size": "@patch_size",
+            "overlap": "@sw_overlap",
+            "sw_batch_size": "@sw_batch_size",
+            "mirror_axes": "@tta_mirror_axes",
+            "score_thresh": "@score_thresh",
+            "detections_per_image": "@detections_per_image",
+            "pad_value": "$(@intensity_clip[0] - @intensity_mean) / @intensity_std",
+        },
+    }
+    keys.update(detector_keys(variant))
+    keys.update({
+        "detector_ops": [],
+        "postprocessing": {
+            "_target_": "meddet.data.transforms.postprocessing",
+            "affine_lps_to_ras": "@affine_lps_to_ras",
+        },
+    })
+    return keys
+
+
+def _intensity_args() -> dict:
+    return {
+        "spacing": "@spacing",
+        "intensity_clip": "@intensity_clip",
+        "intensity_mean": "@intensity_mean",
+        "intensity_std": "@intensity_std",
+    }
+
+
+def _datalist(key: str) -> str:
+    return (f"$meddet.data.load_datalist(@data_list_file_path, @dataset_dir, '{key}', "
+            "num_classes=@num_classes)")
+
+
+def _evaluator(handlers: str) -> dict:
+    return {
+        "_target_": "SupervisedEvaluator",
+        "device": "@device",
+        "val_data_loader": "@validate#dataloader",
+        "network": "@detector",
+        "iteration_update": "$meddet.engines.detection_eval_step",
+        "key_val_metric": "@validate#key_metric",
+        "additional_metrics": "@validate#additional_metrics",
+        "val_handlers": handlers,
+        "amp": "@amp",
+        "decollate": False,
+    }
+
+
+def _metric(key: str) -> dict:
+    return {"_target_": "meddet.metrics.DetectionMAP", "metric_key": key,
+            "class_names": "@class_names"}
+
+
+def recipe(variant: dict) -> dict:
+    """Fine-tuning recipes of the release (DESIGN §4)."""
+    pretrained = pretraining(variant) is not None
+    if is_detr(variant):
+        return {
+            "learning_rate": 3e-4,
+            "weight_decay": 1e-4,
+            "max_epochs": 100,
+            "epoch_length": 2500,
+            "warmup_iterations": 10000 if pretrained else 0,
+            # Deformable DETR's usual max-norm 0.1: attention offsets and box refinements otherwise spike early
+            "clip_grad_norm": 0.1,
+            "val_interval": 5,
+            "checkpoint_interval": 500,
+            "optimizer": {
+                "_target_": "torch.optim.AdamW",
+                "params": "$meddet.engines.parameter_groups(@network, @weight_decay)",
+                "lr": "@learning_rate",
+                "eps": 1e-4,
+                "amsgrad": True,
+            },
+        }
+    return {
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 3e-5,
+        "max_epochs": 50,
+        "epoch_length": 2500,
+        "warmup_iterations": 4000,
+        "clip_grad_norm": 0.0,
+        "val_interval": 5,
+        "checkpoint_interval": 500,
+        "optimizer": {
+            "_target_": "torch.optim.SGD",
+            "params": "$meddet.engines.parameter_groups(@network, @weight_decay)",
+            "lr": "@learning_rate",
+            "momentum": "@momentum",
+            "nesterov": True,
+        },
+    }
+
+
+def pretrained_keys(variant: dict) -> dict:
+    spec = pretraining(variant)
+    return {
+        # a pre-trained variant never trains from scratch silently: a missing file stops `initialize`
+        "pretrained_checkpoint": "$@bundle_root + '/models/checkpoint_final.pth'" if spec else "",
+        "pretrained_url": HF.format(repo=spec["repo"]) if spec else "",
+        "pretrained_stem": None,
+        # > 0: the encoder stays frozen for that many iterations (ablation; the release fine-tunes everything)
+        "freeze_encoder_iterations": 0,
+    }
+
+
+PRETRAINED_INIT = ("$meddet.pretrained.initialize_from_pretrained(@network_def, @pretrained_checkpoint, "
+                   "in_channels=@in_channels, stem=@pretrained_stem, fetch_hint=@pretrained_url)")
+
+
+def train_config(variant: dict) -> dict:
+    config = common_keys(variant)
+    config.update({
+        "seed": 0,
+        "batch_size": 4,
+        "num_samples": 1,
+        "foreground_ratio": 0.5,
+        "augment": True,
+        "num_workers": 4,
+        "cache_rate": 1.0,
+        **recipe(variant),
+        **pretrained_keys(variant),
+        "lr_scheduler": {
+            "_target_": "meddet.engines.warmup_poly_scheduler",
+            "optimizer": "@optimizer",
+            "total_iterations": "$@max_epochs * @epoch_length",
+            "warmup_iterations": "@warmup_iterations",
+            "warmup_start_lr": 1e-6,
+            "exponent": 0.9,
+        },
+        "train": {
+            "preprocessing": {
+                "_target_": "meddet.data.transforms.training_transforms",
+                "patch_size": "@patch_size",
+                **_intensity_args(),
+                "affine_lps_to_ras": "@affine_lps_to_ras",
+                "num_samples": "@num_samples",
+                "foreground_ratio": "@foreground_ratio",
+                "augment": "@augment",
+            },
+            "dataset": {
+                "_target_": "CacheDataset",
+                "data": _datalist("training"),
+                "transform": "@train#preprocessing",
+                "cache_rate": "@cache_rate",
+                "num_workers": "@num_workers",
+            },
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@train#dataset",
+                "batch_size": "@batch_size",
+                "shuffle": True,
+                "num_workers": "@num_workers",
+                "collate_fn": "$monai.data.utils.no_collation",
+            },
+            # rank-0-only handlers last: multi_gpu_train.json drops them on other ranks
+            "handlers": [
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
+                 "epoch_level": False},
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+                 "interval": "@val_interval"},
+                {"_target_": "meddet.engines.freeze.FreezeEncoder", "network": "@network",
+                 "unfreeze_iteration": "@freeze_encoder_iterations"},
+                {"_target_": "meddet.engines.LatestCheckpoint", "ckpt_dir": "@ckpt_dir",
+                 "interval": "@checkpoint_interval",
+                 "objects": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"}},
+                {"_target_": "StatsHandler", "tag_name": "train_loss",
+                 "output_transform": "$lambda output: output['loss']", "iteration_log": False},
+                {"_target_": "TensorBoardStatsHandler", "log_dir": "$@output_dir + '/tensorboard'",
+                 "tag_name": "train_loss", "output_transform": "$lambda output: output['loss']"},
+                {"_target_": "ignite.handlers.ProgressBar", "persist": False},
+            ],
+            "trainer": {
+                "_target_": "SupervisedTrainer",
+                "device": "@device",
+                "max_epochs": "@max_epochs",
+                "epoch_length": "@epoch_length",
+                "train_data_loader": "@train#dataloader",
+                "network": "@detector",
+                "optimizer": "@optimizer",
+                "loss_function": "$None",
+                "iteration_update": {"_target_": "meddet.engines.DetectionTrainStep",
+                                     "clip_grad_norm": "@clip_grad_norm"},
+                "train_handlers": "@train#handlers",
+                "amp": "@amp",
+                "decollate": False,
+            },
+        },
+        "validate": {
+            "preprocessing": {
+                "_target_": "meddet.data.transforms.validation_transforms",
+                **_intensity_args(),
+                "affine_lps_to_ras": "@affine_lps_to_ras",
+            },
+            "dataset": {
+                "_target_": "CacheDataset",
+                "data": _datalist("validation"),
+                "transform": "@validate#preprocessing",
+                "cache_rate": "@cache_rate",
+                "num_workers": "@num_workers",
+            },
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@validate#dataset",
+                "batch_size": 1,
+                "shuffle": False,
+                "num_workers": "@num_workers",
+                "collate_fn": "$monai.data.utils.no_collation",
+            },
+            # rank-0-only handlers last: multi_gpu_train.json drops them on other ranks
+            "handlers": [
+                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
+                 "save_key_metric": True, "key_metric_filename": "model.pt"},
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {"_target_": "TensorBoardStatsHandler", "log_dir": "$@output_dir + '/tensorboard'",
+                 "iteration_log": False},
+            ],
+            "key_metric": {"mAP_IoU_0.10_0.50_0.05_MaxDet_100": _metric("mAP_IoU_0.10_0.50_0.05_MaxDet_100")},
+            "additional_metrics": {"AP_IoU_0.10_MaxDet_100": _metric("AP_IoU_0.10_MaxDet_100")},
+            "evaluator": _evaluator("@validate#handlers"),
+        },
+        "initialize": [VERSION_CHECK, "$monai.utils.set_determinism(seed=@seed)", PRETRAINED_INIT],
+        "run": ["$@train#trainer.run()"],
+        "finalize": [],
+    })
+    return config
+
+
+def evaluate_config(variant: dict) -> dict:
+    """Merged over train.json: score the best checkpoint on the validation split."""
+    return {
+        "froc_criterion": "iou",
+        "save_png": True,
+        "validate#handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'",
+             "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "meddet.engines.PredictionWriter", "output_dir": "@output_dir",
+             "postprocessing": "@postprocessing", "save_png": "@save_png"},
+            {"_target_": "meddet.engines.EvaluationReport",
+             "prediction_file": "$@output_dir + '/predictions.json'",
+             "data_list_file_path": "@data_list_file_path", "dataset_dir": "@dataset_dir",
+             "output_dir": "@output_dir", "data_list_key": "validation", "class_names": "@class_names",
+             "froc_criterion": "@froc_criterion"},
+        ],
+        "initialize": [VERSION_CHECK, "$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@validate#evaluator.run()"],
+        "finalize": [],
+    }
+
+
+def inference_config(variant: dict) -> dict:
+    config = common_keys(variant)
+    config.update({
+        "data_list_key": "validation",
+        "save_png": False,
+        "num_workers": 2,
+        "preprocessing": {"_target_": "meddet.data.transforms.inference_transforms", **_intensity_args()},
+        "dataset": {
+            "_target_": "Dataset",
+            "data": "$meddet.data.load_datalist(@data_list_file_path, @dataset_dir, @data_list_key, "
+                    "num_classes=@num_classes)",
+            "transform": "@preprocessing",
+        },
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": "@num_workers",
+            "collate_fn": "$monai.data.utils.no_collation",
+        },
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'",
+             "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "meddet.engines.PredictionWriter", "output_dir": "@output_dir",
+             "postprocessing": "@postprocessing", "save_png": "@save_png"},
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@detector",
+            "iteration_update": "$meddet.engines.detection_eval_step",
+            "val_handlers": "@handlers",
+            "amp": "@amp",
+            "decollate": False,
+        },
+        "initialize": [VERSION_CHECK],
+        "run": ["$@evaluator.run()"],
+        "finalize": [],
+    })
+    return config
+
+
+def multi_gpu_config(variant: dict) -> dict:
+    """Merged over train.json; launched with torchrun. gloo on CPU (tests), nccl on GPUs."""
+    return {
+        "device": "$torch.device(('cuda:' + os.environ['LOCAL_RANK']) if torch.cuda.is_available() else 'cpu')",
+        "dist_backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_def.to(@device)",
+            "device_ids": "$[@device] if torch.cuda.is_available() else None",
+        },
+        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
+                          "shuffle": True},
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "train#trainer#train_handlers": "$@train#handlers[: -3 if torch.distributed.get_rank() > 0 else None]",
+        "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
+                             "even_divisible": False, "shuffle": False},
+        "validate#dataloader#sampler": "@validate#sampler",
+        "validate#evaluator#val_handlers":
+            "$@validate#handlers[: -2 if torch.distributed.get_rank() > 0 else None]",
+        "initialize": [
+            VERSION_CHECK,
+            "$import torch.distributed as dist",
+            "$dist.is_initialized() or dist.init_process_group(backend=@dist_backend)",
+            "$monai.utils.set_determinism(seed=@seed)",
+            PRETRAINED_INIT,
+        ],
+        "run": ["$@train#trainer.run()"],
+        "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
+    }
+
+
+def smoke_config(variant: dict) -> dict:
+    """Tiny CPU preset: merges over train.json, evaluate.json and inference.json (top-level keys only)."""
+    return dict(family(variant)["smoke"])
+
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=logging.StreamHandler
+level=INFO
+formatter=fullFormatter
+args=()
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+APACHE_NOTICE = """Copyright (c) {year} the meddet authors
+
+Licensed under the Apache License, Version 2.0 (the "License");
+you may not use this bundle except in compliance with the License.
+You may obtain a copy of the License at
+
+    http://www.apache.org/licenses/LICENSE-2.0
+
+Unless required by applicable law or agreed to in writing, software
+distributed under the License is distributed on an "AS IS" BASIS,
+WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+See the License for the specific language governing permissions and
+limitations under the License.
+{weights_note}"""
+
+
+PARAMETER_COUNTS = {
+    # measured with one class (27 anchors / 12 queries) by the network tests; encoder counts in brackets
+    "retinaunet_resencl": "95.13 M (encoder 90.30 M)",
+    "retinaunet_nndet": "18.86 M (encoder 14.02 M)",
+    "defdetr_resencl": "94.45 M (encoder 90.30 M)",
+}
+
+
+def _pretraining_metadata(variant: dict) -> dict | None:
+    spec = pretraining(variant)
+    if spec is None:
+        return None
+    return {"method": spec["method"], "kind": spec["kind"], "data": spec["data"],
+            "source": HF.format(repo=spec["repo"]), "repository": f"MIC-DKFZ/{spec['repo']}",
+            "license": "CC-BY-4.0", "citation": spec["citation"]}
+
+
+def metadata(variant: dict) -> dict:
+    spec = pretraining(variant)
+    references = [PAPER]
+    if is_detr(variant):
+        references.append("Zhu et al., Deformable DETR: Deformable Transformers for End-to-End Object Detection, "
+                          "ICLR 2021")
+    else:
+        references += [
+            "Baumgartner et al., nnDetection: A Self-configuring Method for Medical Object Detection, MICCAI 2021",
+            "Jaeger et al., Retina U-Net: Embarrassingly Simple Exploitation of Segmentation Supervision for "
+            "Medical Object Detection, ML4H 2020",
+        ]
+    if spec:
+        references.append(spec["citation"])
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
+        "version": variant["version"],
+        "changelog": dict(sorted(variant["changelog"].items(), key=lambda kv: _version_key(kv[0]), reverse=True)),
+        "monai_version": MONAI_VERSION,
+        "pytorch_version": PYTORCH_VERSION,
+        "numpy_version": NUMPY_VERSION,
+        "required_packages_version": {
+            "meddet": MEDDET_REQUIREMENT,
+            "nibabel": "5.4.2",
+            "itk": "5.4.7",
+            "pytorch-ignite": "0.5.5",
+            "dynamic-network-architectures": "0.4.4",
+            "scipy": "1.17.1",
+            "tensorboard": "2.21.0",
+            "matplotlib": "3.11.2",
+        },
+        "supported_apps": {},
+        "name": title(variant),
+        "task": "3D lesion detection in CT",
+        "description": (f"{title(variant)}: a 3D object detector returning boxes, labels and scores for lesions in "
+                        "a volume, fine-tunable on your own datalist."),
+        "authors": "meddet contributors",
+        "copyright": "Copyright (c) meddet contributors",
+        "data_source": "your own detection datalist (MONAI detection format); synthetic data for the smoke preset",
+        "data_type": "nibabel",
+        "image_classes": "single-channel CT in Hounsfield units",
+        "label_classes": "0: lesion (boxes world mm cccwhd, 0-based labels)",
+        "pred_classes": "0: lesion",
+        "eval_metrics": {},
+        "intended_use": "This is an example, not to be used for diagnostic purposes",
+        "references": references,
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield",
+                    "modality": "CT",
+                    "num_channels": 1,
+                    "spatial_shape": [128, 128, 128],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "object",
+                    "format": "cccwhd",
+                    "dtype": "float32",
+                    "num_channels": 1,
+                    "spatial_shape": [],
+                    "value_range": [],
+                    "channel_def": {"0": "lesion"},
+                }
+            },
+        },
+        "meddet": {
+            "family": variant["family"],
+            "detector": family(variant)["detector"],
+            "initialisation": variant["initialisation"],
+            "pretraining": _pretraining_metadata(variant),
+            "parameters": PARAMETER_COUNTS[variant["family"]],
+        },
+    }
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def _recipe_text(variant: dict) -> str:
+    if is_detr(variant):
+        warmup = "10,000 linear warm-up iterations from 1e-6, then" if pretraining(variant) else "no warm-up;"
+        return (f"AdamW (amsgrad, eps 1e-4), lr 3e-4, weight decay 1e-4, {warmup} poly 0.9 per iteration, "
+                "100 epochs x 2500 iterations, batch 4, 128^3 patches, gradient norm clipped at 0.1, AMP on CUDA. "
+                "Hungarian matching (class 2, L1 5, GIoU 2); focal (gamma 1, alpha 0.75), L1 x5, GIoU x2 with "
+                "auxiliary losses on every decoder layer and the encoder proposals. Top-K per patch, no NMS, then "
+                "sliding-window stitching, mirror TTA and weighted box clustering.")
+    return ("SGD Nesterov (momentum 0.9), lr 0.01, weight decay 3e-5 (none on norms and biases), 4000 linear "
+            "warm-up iterations from 1e-6 then poly 0.9 per iteration, 50 epochs x 2500 iterations, batch 4, "
+            "128^3 patches, AMP on CUDA. ATSS matching (4 candidates), focal classification (gamma 1, alpha "
+            "0.75), smooth-L1 box regression, 0.5 CE + 0.5 Dice segmentation; sliding-window stitching, mirror "
+            "TTA and weighted box clustering.")
+
+
+def _pretraining_text(variant: dict) -> str:
+    spec = pretraining(variant)
+    if spec is None:
+        return ("All weights start from random initialisation (`pretrained_checkpoint` is empty). The paper finds "
+                "reconstruction-pre-trained encoders (the `mae` and `s3d` bundles) better than this baseline.\n")
+    url = HF.format(repo=spec["repo"])
+    stem = ("\nThe checkpoint holds one stem per pre-training dataset; the CT stem is used by default, another "
+            "is chosen with `--pretrained_stem <id>`.\n" if variant["initialisation"].startswith("multitalent") else "")
+    return f"""The encoder (stem + stages) starts from the released **{spec['method']}** checkpoint
+([MIC-DKFZ/{spec['repo']}](https://huggingface.co/MIC-DKFZ/{spec['repo']})): {spec['kind']}, pre-trained on
+{spec['data']}. The decoder/FPN, transformer and heads start from random initialisation; everything is fine-tuned
+(no freezing; `freeze_encoder_iterations` > 0 freezes the encoder for that many iterations as an ablation).
+{stem}
+Fetch the weights once (about 400 MB, CC-BY-4.0 per the model card) into `models/checkpoint_final.pth`:
+
+    python -m monai.bundle download_large_files --bundle_path .
+
+or download {url} there yourself. Training stops with this instruction if the file is missing; a pre-trained
+bundle never trains from scratch silently. Another location: `--pretrained_checkpoint PATH`.
+"""
+
+
+def readme(variant: dict) -> str:
+    name = variant["name"]
+    spec = pretraining(variant)
+    citation = f"\n- {spec['citation']}." if spec else ""
+    weights_licence = (f" The pre-trained weights ({spec['repo']}) are licensed CC-BY-4.0 by their authors."
+                       if spec else "")
+    planning = ("`num_queries` (max(12, 3 x the 95th percentile of objects per training patch))" if is_detr(variant)
+                else "27 anchor shapes")
+    return f"""# {title(variant)}
+
+`{name}` is a MONAI Bundle of the meddet collection: {family(variant)['title']}
+({PARAMETER_COUNTS[variant['family']]} parameters), fine-tuned with the release's recipe.
+
+## Initialisation
+
+{_pretraining_text(variant)}
+## Requirements
+
+`pip install -e .` in the collection's repository (installs `meddet` and the packages listed in
+`configs/metadata.json`).
+
+## Data
+
+A MONAI detection datalist: `{{"training": [{{"image": path, "box": [[cx, cy, cz, w, h, d], ...], "label": [0, ...]}}],
+"validation": [...]}}`, boxes in world millimetres (`cccwhd`) of the image files as MONAI reads them
+(RAS for NIfTI; set `affine_lps_to_ras` to true for LPS boxes of ITK/mhd datasets such as LUNA16).
+Cases without boxes are valid negatives. The datalist is checked before training: missing or 2D images,
+NaN/Inf voxels, boxes outside the image or with non-positive size, box/label count mismatches and labels
+outside `num_classes` are reported with the file and item.
+
+Plan spacing, CT intensity normalisation and {planning} for your data (writes an override file):
+
+    python tools/plan.py --data_list_file_path L --dataset_dir D --output_path plans.json
+
+## Recipe
+
+{_recipe_text(variant)}
+
+## Commands (run from this folder)
+
+Train; a killed run resumes from `models/checkpoint_latest.pt`, the best validation
+`mAP_IoU_0.10_0.50_0.05_MaxDet_100` is kept as `models/model.pt`:
+
+    python -m monai.bundle run --config_file "['configs/train.json','plans.json']" --dataset_dir D --data_list_file_path L
+
+Evaluate `models/model.pt` on the validation split; writes `eval/predictions.json`, `eval/metrics.json` (COCO
+mAP/AP/AR, FROC), `eval/per_case.csv`, `eval/froc.png` and PNGs:
+
+    python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json','plans.json']" --dataset_dir D --data_list_file_path L
+
+Inference (items of `data_list_key`, default `validation`; only `image` is needed):
+
+    python -m monai.bundle run --config_file "['configs/inference.json','plans.json']" --dataset_dir D --data_list_file_path L
+
+Multi-GPU training:
+
+    torchrun --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json','plans.json']" --dataset_dir D --data_list_file_path L
+
+Add `configs/smoke.json` (before `plans.json`) to any command for a tiny CPU-sized network and schedule
+(minutes on 2 cores; it does not load the full-size pre-trained checkpoint).
+
+## Outputs
+
+`predictions.json`: one entry per image with `image`, `box` (world mm, `cccwhd`), `label`, `label_scores`.
+
+## References
+
+- {PAPER}.{citation}
+
+## License
+
+Code and configuration: Apache-2.0 (see LICENSE).{weights_licence}
+"""
+
+
+def large_files(variant: dict) -> str | None:
+    spec = pretraining(variant)
+    if spec is None:
+        return None
+    # no published checksum: the release lists none, and inventing one would make every download fail
+    return (f"large_files:\n  - path: \"models/checkpoint_final.pth\"\n    url: \"{HF.format(repo=spec['repo'])}\"\n"
+            f"    hash_val: \"\"\n    hash_type: \"\"\n")
+
+
+def render(variant: dict) -> dict:
+    """Relative path -> content (dict/list for JSON, str for text) of every generated file of a bundle."""
+    files = {
+        "configs/metadata.json": metadata(variant),
+        "configs/train.json": train_config(variant),
+        "configs/evaluate.json": evaluate_config(variant),
+        "configs/inference.json": inference_config(variant),
+        "configs/multi_gpu_train.json": multi_gpu_config(variant),
+        "configs/smoke.json": smoke_config(variant),
+        "configs/logging.conf": LOGGING_CONF,
+        "docs/README.md": readme(variant),
+        "LICENSE": APACHE_NOTICE.format(year=2026, weights_note=""),
+    }
+    weights = large_files(variant)
+    if weights:
+        files["large_files.yml"] = weights
+    return files

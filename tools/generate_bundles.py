@@ -1,0 +1,92 @@
+"""Render every bundle of the collection from the variant table (`tools/variants.py`).
+
+    python tools/generate_bundles.py            # (re)write bundles/<name>/ for every variant
+    python tools/generate_bundles.py --check    # exit 1 when a committed bundle differs from the table
+
+Only the files rendered here are owned by the generator; `models/` (trained weights, downloaded
+checkpoints) and `eval/` are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import fire
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bundle_templates  # noqa: E402
+from variants import VARIANTS  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def render_variant(variant: dict) -> dict[str, str]:
+    """Relative path -> file content for one variant."""
+    files = {}
+    for relative, content in bundle_templates.render(variant).items():
+        files[relative] = json.dumps(content, indent=4) + "\n" if isinstance(content, (dict, list)) else content
+    return files
+
+
+def bundle_index(variants=VARIANTS) -> dict:
+    """The collection's index: per bundle its latest version, detector family, initialisation and title.
+
+    Packaged versions (`<name>_v<version>` with checksum and source URL) are added by the packaging tool.
+    """
+    return {"bundles": {v["name"]: {"latest_version": v["version"], "family": v["family"],
+                                    "detector": bundle_templates.family(v)["detector"],
+                                    "initialisation": v["initialisation"], "description": bundle_templates.title(v)}
+                        for v in variants}}
+
+
+def render_all(variants=VARIANTS) -> dict[str, str]:
+    names = [v["name"] for v in variants]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise ValueError(f"variant table: duplicated bundle names {sorted(duplicated)}")
+    files = {}
+    for variant in variants:
+        if "detection" not in variant["name"]:
+            raise ValueError(f"variant table: bundle name '{variant['name']}' must contain 'detection' "
+                             "(MONAI Label picks the task type from the name)")
+        for relative, content in render_variant(variant).items():
+            files[os.path.join("bundles", variant["name"], relative)] = content
+    files["bundle_index.json"] = json.dumps(bundle_index(variants), indent=4) + "\n"
+    return files
+
+
+def differences(root: str = REPO_ROOT, variants=VARIANTS) -> list[str]:
+    """Paths whose committed content differs from the rendering (missing files included)."""
+    stale = []
+    for relative, content in render_all(variants).items():
+        path = os.path.join(root, relative)
+        if not os.path.exists(path):
+            stale.append(f"{relative} (missing)")
+            continue
+        with open(path) as f:
+            if f.read() != content:
+                stale.append(f"{relative} (differs)")
+    return stale
+
+
+def main(check: bool = False, root: str = REPO_ROOT) -> None:
+    if check:
+        stale = differences(root)
+        if stale:
+            print("bundles differ from tools/variants.py; run `python tools/generate_bundles.py`:")
+            print("\n".join(f"  {line}" for line in stale))
+            sys.exit(1)
+        print(f"{len(VARIANTS)} bundles match the variant table")
+        return
+    for relative, content in render_all().items():
+        path = os.path.join(root, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(content)
+    print(f"rendered {len(VARIANTS)} bundles under {os.path.join(root, 'bundles')}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,96 @@
+"""Quickstart: synthetic data -> plan -> train (smoke preset) -> evaluate -> inference, with the standard
+`python -m monai.bundle run` commands a user would type.
+
+    python tools/quickstart.py [--work_dir quickstart] [--bundle retinaunet_resencl_scratch_detection]
+
+Prints AP@0.1, mAP@[0.1:0.5] and the FROC score of the validation split and where the PNGs are.
+Everything is written under `work_dir`; the bundle folder in the repository is not modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import fire
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plan as planning  # noqa: E402
+
+from meddet.data.synthetic import generate_dataset  # noqa: E402
+
+
+def bundle_command(bundle_dir: str, configs: list[str], **overrides) -> list[str]:
+    """`python -m monai.bundle run` with a list of config files and `--key value` overrides."""
+    files = "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
+               "--logging_file", os.path.join(bundle_dir, "configs", "logging.conf")]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def _run(command: list[str], cwd: str, log_path: str) -> None:
+    print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        with open(log_path) as log:
+            tail = log.read()[-4000:]
+        raise SystemExit(f"command failed (exit {result.returncode}); last lines of {log_path}:\n{tail}")
+    print(f"  done in {time.time() - start:.0f} s (log: {log_path})", flush=True)
+
+
+def quickstart(work_dir: str = "quickstart", bundle: str = "retinaunet_resencl_scratch_detection",
+               preset: str = "easy", seed: int = 0) -> None:
+    work_dir = os.path.abspath(work_dir)
+    bundle_dir = os.path.join(REPO_ROOT, "bundles", bundle)
+    if not os.path.isdir(bundle_dir):
+        raise SystemExit(f"no bundle {bundle_dir}")
+    data_dir = os.path.join(work_dir, "data")
+    run_dir = os.path.join(work_dir, "run")
+    os.makedirs(run_dir, exist_ok=True)
+
+    print(f"1/5 synthetic '{preset}' dataset -> {data_dir}", flush=True)
+    datalist = generate_dataset(data_dir, preset=preset, seed=seed)
+
+    print("2/5 planning spacing, intensities and anchors from the training split", flush=True)
+    with open(os.path.join(bundle_dir, "configs", "smoke.json")) as f:
+        smoke = json.load(f)
+    level_scales = [2 ** i for i in range(len(smoke["detection_levels"]))]
+    plans_path = os.path.join(work_dir, "plans.json")
+    planning.plan(datalist, data_dir, plans_path, level_scales=level_scales, anchors_per_axis=2,
+                  patch_size=smoke["patch_size"])
+
+    common = dict(bundle_root=run_dir, dataset_dir=data_dir, data_list_file_path=datalist)
+    smoke_configs = ["configs/smoke.json", plans_path]
+    print("3/5 training (smoke preset)", flush=True)
+    _run(bundle_command(bundle_dir, ["configs/train.json", *smoke_configs], **common), bundle_dir,
+         os.path.join(work_dir, "train.log"))
+    print("4/5 evaluating the best checkpoint on the validation split", flush=True)
+    _run(bundle_command(bundle_dir, ["configs/train.json", "configs/evaluate.json", *smoke_configs], **common),
+         bundle_dir, os.path.join(work_dir, "evaluate.log"))
+    print("5/5 inference on the validation images", flush=True)
+    _run(bundle_command(bundle_dir, ["configs/inference.json", *smoke_configs], save_png=True,
+                        output_dir=os.path.join(run_dir, "inference"), **common),
+         bundle_dir, os.path.join(work_dir, "inference.log"))
+
+    with open(os.path.join(run_dir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    print()
+    print(f"AP@0.1               {metrics['AP_IoU_0.10_MaxDet_100']:.3f}")
+    print(f"mAP@[0.10:0.50:0.05] {metrics['mAP_IoU_0.10_0.50_0.05_MaxDet_100']:.3f}")
+    print(f"FROC score           {metrics['froc_score']:.3f}")
+    print(f"metrics:     {os.path.join(run_dir, 'eval', 'metrics.json')}")
+    print(f"predictions: {os.path.join(run_dir, 'inference', 'predictions.json')}")
+    print(f"PNGs:        {os.path.join(run_dir, 'inference', 'png')}")
+
+
+if __name__ == "__main__":
+    fire.Fire(quickstart)
