@@ -4,7 +4,8 @@
     python tools/generate_bundles.py --check    # exit 1 when a committed bundle differs from the table
 
 Only the files rendered here are owned by the generator; `models/` (trained weights, downloaded
-checkpoints) and `eval/` are left alone.
+checkpoints) and `eval/` are left alone. The collection's `bundle_index.json` is written by `tools/package.py`
+(it holds the checksums of the packaged zips).
 """
 
 from __future__ import annotations
@@ -30,17 +31,6 @@ def render_variant(variant: dict) -> dict[str, str]:
     return files
 
 
-def bundle_index(variants=VARIANTS) -> dict:
-    """The collection's index: per bundle its latest version, detector family, initialisation and title.
-
-    Packaged versions (`<name>_v<version>` with checksum and source URL) are added by the packaging tool.
-    """
-    return {"bundles": {v["name"]: {"latest_version": v["version"], "family": v["family"],
-                                    "detector": bundle_templates.family(v)["detector"],
-                                    "initialisation": v["initialisation"], "description": bundle_templates.title(v)}
-                        for v in variants}}
-
-
 def render_all(variants=VARIANTS) -> dict[str, str]:
     names = [v["name"] for v in variants]
     duplicated = {n for n in names if names.count(n) > 1}
@@ -53,7 +43,6 @@ def render_all(variants=VARIANTS) -> dict[str, str]:
                              "(MONAI Label picks the task type from the name)")
         for relative, content in render_variant(variant).items():
             files[os.path.join("bundles", variant["name"], relative)] = content
-    files["bundle_index.json"] = json.dumps(bundle_index(variants), indent=4) + "\n"
     return files
 
 
