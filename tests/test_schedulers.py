@@ -36,9 +36,16 @@ def test_no_warmup_is_pure_poly():
 
 def test_invalid_schedule_is_refused():
     with pytest.raises(ValueError, match="warmup_iterations"):
-        WarmupPoly(0.01, total_iterations=10, warmup_iterations=20)
+        WarmupPoly(0.01, total_iterations=10, warmup_iterations=-1)
     with pytest.raises(ValueError, match="total_iterations"):
         WarmupPoly(0.01, total_iterations=0)
+
+
+def test_warmup_longer_than_the_run_spans_the_whole_run(caplog):
+    with caplog.at_level("WARNING"):
+        schedule = WarmupPoly(0.01, total_iterations=10, warmup_iterations=20)
+    assert schedule.warmup_iterations == 10 and "exceeds" in caplog.text
+    assert schedule(5) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)
 
 
 def test_scheduler_state_round_trips_through_weights_only_load(tmp_path):

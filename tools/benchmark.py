@@ -2,7 +2,7 @@
 
     python tools/benchmark.py [--size smoke|full] [--repeats 3]
 
-Prints, on this machine and in this run:
+Prints, on this machine and in this run, for the Retina U-Net and the Deformable DETR:
 - whole-volume inference (sliding window + decoding + stitching + WBC) vs the pure network forward over the
   same tiles;
 - one training step (anchors, ATSS matching, losses, backward, SGD step) vs a pure forward+backward of the
@@ -20,20 +20,33 @@ import time
 import fire
 import torch
 
-from meddet.detectors import RetinaUNetDetector
+from meddet.detectors import DeformableDETRDetector, RetinaUNetDetector
 from meddet.inference import SlidingWindowBoxInferer, tile_origins, weighted_box_clustering
-from meddet.networks import retina_unet_resenc
+from meddet.networks import deformable_detr_resenc, retina_unet_resenc
 
+SMOKE_ENCODER = dict(features_per_stage=[8, 16, 32, 32], strides=[1, 2, 2, 2], blocks_per_stage=[1, 1, 1, 1])
 SIZES = {
-    # the smoke preset's network and patch, on a volume like the easy synthetic set
-    "smoke": dict(network=dict(features_per_stage=[8, 16, 32, 32], strides=[1, 2, 2, 2], blocks_per_stage=[1, 1, 1, 1],
-                               detection_levels=[2, 3], fpn_channels=32, head_convs=1),
-                  anchors=[[w, h, d] for w in (4, 6) for h in (4, 6) for d in (4, 6)],
-                  patch=(32, 32, 32), batch=4, volume=(64, 64, 48)),
-    # the paper's network at a CPU-feasible patch (64^3 instead of 128^3)
-    "full": dict(network=dict(), anchors=[[w, h, d] for w in (4, 8, 14) for h in (4, 8, 14) for d in (2, 4, 6)],
-                 patch=(64, 64, 64), batch=1, volume=(128, 128, 96)),
+    # the smoke presets' networks and patch, on a volume like the easy synthetic set
+    "smoke": dict(patch=(32, 32, 32), batch=4, volume=(64, 64, 48), networks={
+        "retinaunet": dict(**SMOKE_ENCODER, detection_levels=[2, 3], fpn_channels=32, head_convs=1),
+        "defdetr": dict(**SMOKE_ENCODER, feature_levels=[1, 2, 3], d_model=32, n_heads=4, dim_feedforward=128,
+                        num_encoder_layers=2, num_decoder_layers=2, num_queries=12),
+    }),
+    # the paper's networks at a CPU-feasible patch (64^3 instead of 128^3)
+    "full": dict(patch=(64, 64, 64), batch=1, volume=(128, 128, 96), networks={"retinaunet": {}, "defdetr": {}}),
 }
+ANCHORS = {"smoke": [[w, h, d] for w in (6, 8) for h in (6, 8) for d in (4, 6)],
+           "full": [[w, h, d] for w in (4, 8, 14) for h in (4, 8, 14) for d in (2, 4, 6)]}
+
+
+def build_detector(family: str, size: str, inferer):
+    """(network, detector) of a family at the given size."""
+    kwargs = SIZES[size]["networks"][family]
+    if family == "retinaunet":
+        network = retina_unet_resenc(num_anchors=len(ANCHORS[size]), **kwargs)
+        return network, RetinaUNetDetector(network, anchor_shapes=ANCHORS[size], inferer=inferer)
+    network = deformable_detr_resenc(**kwargs)
+    return network, DeformableDETRDetector(network, inferer=inferer)
 
 
 def _time(fn, repeats: int) -> float:
@@ -68,17 +81,19 @@ def _random_boxes(count: int, seed: int = 0):
     return boxes, torch.rand(count, generator=generator), torch.zeros(count, dtype=torch.long)
 
 
-def benchmark(size: str = "smoke", repeats: int = 3, threads: int = 2) -> None:
-    if size not in SIZES:
-        raise SystemExit(f"size must be one of {sorted(SIZES)}")
-    torch.set_num_threads(threads)
+def _flat_outputs(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    items = outputs.values() if isinstance(outputs, dict) else outputs
+    return [t for item in items for t in _flat_outputs(item)]
+
+
+def measure_family(family: str, size: str, repeats: int) -> dict:
     spec = SIZES[size]
-    torch.manual_seed(0)
-    network = retina_unet_resenc(num_anchors=len(spec["anchors"]), **spec["network"])
     patch, batch = spec["patch"], spec["batch"]
-    inferer = SlidingWindowBoxInferer(roi_size=patch, overlap=0.5, mirror_axes=())
-    detector = RetinaUNetDetector(network, anchor_shapes=spec["anchors"], inferer=inferer)
-    results = {"size": size, "threads": threads, "patch": list(patch), "batch": batch, "volume": list(spec["volume"])}
+    torch.manual_seed(0)
+    network, detector = build_detector(family, size, SlidingWindowBoxInferer(roi_size=patch, overlap=0.5))
+    results = {}
 
     # inference: whole volume vs pure network forward over the same tiles
     volume, _ = _blob_volume(spec["volume"], 6, seed=1)
@@ -104,14 +119,23 @@ def benchmark(size: str = "smoke", repeats: int = 3, threads: int = 2) -> None:
 
     def forward_backward():
         network.zero_grad(set_to_none=True)
-        outputs = network(patches)
-        total = sum(o.float().mean() for key in ("classification", "box_regression") for o in outputs[key])
-        (total + outputs["segmentation"].mean()).backward()
+        sum(o.float().mean() for o in _flat_outputs(network(patches))).backward()
 
     step = _time(train_step, repeats)
     pure = _time(forward_backward, repeats)
     results.update(train_step_s=step, forward_backward_s=pure, train_overhead=step / pure)
+    return results
 
+
+def benchmark(size: str = "smoke", repeats: int = 3, threads: int = 2) -> None:
+    if size not in SIZES:
+        raise SystemExit(f"size must be one of {sorted(SIZES)}")
+    torch.set_num_threads(threads)
+    spec = SIZES[size]
+    results = {"size": size, "threads": threads, "patch": list(spec["patch"]), "batch": spec["batch"],
+               "volume": list(spec["volume"])}
+    for family in spec["networks"]:
+        results.update({f"{family}_{key}": value for key, value in measure_family(family, size, repeats).items()})
     for count in (1000, 10000):
         boxes, scores, labels = _random_boxes(count)
         results[f"wbc_{count}_s"] = _time(lambda: weighted_box_clustering(boxes, scores, labels), repeats)

@@ -102,6 +102,7 @@ def detector_keys(variant: dict) -> dict:
                 "network": "@network",
                 "num_classes": "@num_classes",
                 "detections_per_patch": "$max(@num_queries, 1)",
+                "score_thresh": "@score_thresh",
                 "inferer": "@inferer",
             },
         }
@@ -115,6 +116,7 @@ def detector_keys(variant: dict) -> dict:
             "network": "@network",
             "anchor_shapes": "@anchor_shapes",
             "num_classes": "@num_classes",
+            "score_thresh": "@score_thresh",
             "inferer": "@inferer",
         },
     }
@@ -163,10 +165,15 @@ def common_keys(variant: dict) -> dict:
     keys.update(detector_keys(variant))
     keys.update({
         "detector_ops": [],
+        # boxes scoring below it are dropped from the outputs (0 keeps all; evaluation needs all)
+        "display_score_thresh": 0.0,
         "postprocessing": {
             "_target_": "meddet.data.transforms.postprocessing",
             "affine_lps_to_ras": "@affine_lps_to_ras",
+            "score_thresh": "@display_score_thresh",
         },
+        # flat-tuple view of the network for `monai.bundle ckpt_export` / `onnx_export` (see docs/README.md)
+        "export_network_def": {"_target_": "meddet.networks.export.TupleOutputNetwork", "network": "@network_def"},
     })
     return keys
 
@@ -407,6 +414,9 @@ def evaluate_config(variant: dict) -> dict:
 def inference_config(variant: dict) -> dict:
     config = common_keys(variant)
     config.update({
+        # MONAI Label lists `displayable_configs` in its options panel and drops scores: the viewer's threshold
+        "displayable_configs": {"display_score_thresh": 0.0},
+        "display_score_thresh": "@displayable_configs#display_score_thresh",
         "data_list_key": "validation",
         "save_png": False,
         "num_workers": 2,
@@ -666,6 +676,9 @@ bundle never trains from scratch silently. Another location: `--pretrained_check
 
 def readme(variant: dict) -> str:
     name = variant["name"]
+    export_note = ("last-layer `pred_logits`, `pred_boxes`; trace at the training patch size, the token grid is "
+                   "fixed by it" if is_detr(variant) else
+                   "classification maps, box-regression maps, then segmentation; any size divisible by 32 works")
     spec = pretraining(variant)
     citation = f"\n- {spec['citation']}." if spec else ""
     weights_licence = (f" The pre-trained weights ({spec['repo']}) are licensed CC-BY-4.0 by their authors."
@@ -694,9 +707,10 @@ Cases without boxes are valid negatives. The datalist is checked before training
 NaN/Inf voxels, boxes outside the image or with non-positive size, box/label count mismatches and labels
 outside `num_classes` are reported with the file and item.
 
-Plan spacing, CT intensity normalisation and {planning} for your data (writes an override file):
+Plan spacing, CT intensity normalisation and {planning} for your data into an override file (kept outside
+this folder; `plans.json` below stands for its path):
 
-    python tools/plan.py --data_list_file_path L --dataset_dir D --output_path plans.json
+    python tools/plan.py --data_list_file_path L --dataset_dir D --output_path P/plans.json
 
 ## Recipe
 
@@ -728,6 +742,21 @@ Add `configs/smoke.json` (before `plans.json`) to any command for a tiny CPU-siz
 ## Outputs
 
 `predictions.json`: one entry per image with `image`, `box` (world mm, `cccwhd`), `label`, `label_scores`.
+
+## Export
+
+TorchScript (traced; `export_network_def` returns the network's outputs as a flat tuple, {export_note}):
+
+    python -m monai.bundle ckpt_export --net_id export_network_def --filepath models/model.ts --ckpt_file models/model.pt --config_file configs/inference.json --use_trace True --input_shape "[1,1,128,128,128]"
+
+`onnx_export` takes the same arguments (opset 20; needs the `onnx` package).
+
+## MONAI Label / 3D Slicer
+
+Put this folder under the `monaibundle` app's model folder (MONAI Label 0.8.5 in its own virtualenv, see the
+collection README). 3D Slicer exchanges boxes in LPS: set `"affine_lps_to_ras": true` in `configs/inference.json`
+and `configs/train.json` for MONAI Label. Scores are not shown there; `display_score_thresh` (in
+`displayable_configs`) hides boxes below it.
 
 ## References
 

@@ -107,7 +107,9 @@ FAMILIES = {
         "network_factory": "meddet.networks.retina_unet_nndet",
         "network": {"encoder_features": [32, 64, 128, 256, 320, 320], "encoder_strides": [1, 2, 2, 2, 2, 2],
                     "detection_levels": [2, 3, 4, 5]},
-        "smoke": {key: value for key, value in _SMOKE_RETINAUNET.items() if key != "encoder_blocks"},
+        # the plain conv encoder needs a larger step than the residual one to converge in the smoke schedule
+        "smoke": {**{key: value for key, value in _SMOKE_RETINAUNET.items() if key != "encoder_blocks"},
+                  "learning_rate": 0.04},
     },
     "defdetr_resencl": {
         "detector": "defdetr",

@@ -36,11 +36,13 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     ScaleIntensityRanged,
-    Spacingd,
+    Lambdad,
+    Spacing,
     SpatialPadd,
 )
 
 from meddet.data.boxes import boxes_voxel_to_world, boxes_world_to_voxel
+from meddet.data.score_filter import SelectDetectionsByScored
 
 # Orientationd warns in MONAI 1.6 unless the axis labels are explicit (the default changes later).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -106,7 +108,10 @@ def loading_transforms(
         EnsureChannelFirstd(keys="image"),
         EnsureTyped(keys="image", dtype=torch.float32),
         Orientationd(keys="image", axcodes="RAS", labels=RAS_LABELS),
-        Spacingd(keys="image", pixdim=tuple(float(s) for s in spacing), mode="bilinear", padding_mode="border"),
+        # Spacing through Lambdad rather than Spacingd: MONAI 1.6's Spacingd also updates every `image_*` entry
+        # as a meta dict, which breaks on MONAI Label's string `image_path`
+        Lambdad(keys="image", func=Spacing(pixdim=tuple(float(s) for s in spacing), mode="bilinear",
+                                           padding_mode="border")),
         ScaleIntensityRanged(
             keys="image",
             a_min=low,
@@ -273,7 +278,11 @@ def inference_transforms(
     return Compose([*chain, DeleteItemsd(keys=["box", "label"])])
 
 
-def postprocessing(affine_lps_to_ras: bool = False, pred_box_key: str = "box") -> Compose:
-    """Predicted voxel boxes of the preprocessed grid -> world `cccwhd` boxes in the datalist's frame."""
-    return Compose([BoxesWorldToVoxeld(box_keys=pred_box_key, image_key="image", affine_lps_to_ras=affine_lps_to_ras,
-                                       to_world=True)])
+def postprocessing(affine_lps_to_ras: bool = False, score_thresh: float = 0.0, pred_box_key: str = "box") -> Compose:
+    """Predicted voxel boxes of the preprocessed grid -> world `cccwhd` boxes in the datalist's frame, keeping
+    the detections scoring at least `score_thresh` (0 keeps all; viewers that drop scores want a higher one)."""
+    return Compose([
+        BoxesWorldToVoxeld(box_keys=pred_box_key, image_key="image", affine_lps_to_ras=affine_lps_to_ras,
+                           to_world=True),
+        SelectDetectionsByScored(score_thresh=score_thresh, box_key=pred_box_key),
+    ])

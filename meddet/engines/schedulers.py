@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -17,8 +19,14 @@ class WarmupPoly:
                  warmup_start_lr: float = 1e-6, exponent: float = 0.9):
         if total_iterations <= 0:
             raise ValueError(f"total_iterations must be positive, got {total_iterations}")
-        if not 0 <= warmup_iterations <= total_iterations:
-            raise ValueError(f"warmup_iterations must lie in [0, {total_iterations}], got {warmup_iterations}")
+        if warmup_iterations < 0:
+            raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}")
+        if warmup_iterations > total_iterations:
+            # a shortened run (a quick test, a smoke preset with fewer epochs) keeps its warm-up proportionate
+            logging.getLogger(__name__).warning(
+                "warmup_iterations %d exceeds the %d iterations of the run; warming up over the whole run",
+                warmup_iterations, total_iterations)
+            warmup_iterations = total_iterations
         self.base_lr = float(base_lr)
         self.total_iterations = int(total_iterations)
         self.warmup_iterations = int(warmup_iterations)
