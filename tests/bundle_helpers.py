@@ -16,6 +16,15 @@ from quickstart import bundle_command  # noqa: E402
 from meddet.data.synthetic import generate_dataset  # noqa: E402
 
 
+def error_chain(error: BaseException) -> str:
+    """MONAI wraps errors raised inside config expressions; the user sees the whole chain, so do the tests."""
+    messages = []
+    while error is not None:
+        messages.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
 def bundle_dir(name: str) -> str:
     return os.path.join(REPO, "bundles", name)
 

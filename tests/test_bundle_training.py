@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from bundle_helpers import bundle_dir, easy_dataset_with_plans, run_bundle
+from bundle_helpers import bundle_dir, easy_dataset_with_plans, error_chain, run_bundle
 
 BUNDLE = "retinaunet_resencl_scratch_detection"
 
@@ -42,15 +42,6 @@ def _workflow(dataset, run_root, extra_configs=(), **overrides):
 
 class _Killed(RuntimeError):
     pass
-
-
-def _chain(error: BaseException) -> str:
-    """MONAI wraps errors raised inside config expressions; the user sees the whole chain, so do we."""
-    messages = []
-    while error is not None:
-        messages.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    return "\n".join(messages)
 
 
 def _kill_at(iteration):
@@ -83,7 +74,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(dataset, tmp_path):
     trainer_b.add_event_handler(*_kill_at(7))  # mid-epoch, between two periodic checkpoints
     with pytest.raises(Exception) as killed:
         interrupted.run()
-    assert "_Killed: stopped at iteration 7" in _chain(killed.value)
+    assert "_Killed: stopped at iteration 7" in error_chain(killed.value)
     saved = torch.load(tmp_path / "b" / "models" / "checkpoint_latest.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 7
 
@@ -133,7 +124,7 @@ def test_bad_input_stops_before_any_training(dataset, tmp_path):
         trainer, _ = _final_state(workflow)
         trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.append(1))
         workflow.run()
-    message = _chain(error.value)
+    message = error_chain(error.value)
     assert "DatalistError" in message and "NaN" in message
     assert str(bad_image) in message and "item 1" in message
     assert not started

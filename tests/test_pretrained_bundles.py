@@ -11,7 +11,7 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from monai.bundle import ConfigWorkflow
 from monai.utils import set_determinism
 
-from bundle_helpers import bundle_dir, easy_dataset_with_plans, smoke_settings
+from bundle_helpers import bundle_dir, easy_dataset_with_plans, error_chain, smoke_settings
 from meddet.pretrained.nnssl import make_nnssl_checkpoint
 
 
@@ -34,15 +34,6 @@ def _workflow(name, run_root, configs=("train.json",), **overrides):
     workflow = ConfigWorkflow(config_file=[os.path.join(folder, c) for c in configs], workflow_type="train",
                               bundle_root=str(run_root), **overrides)
     return workflow
-
-
-def _chain(error: BaseException) -> str:
-    """MONAI wraps errors raised inside config expressions; the user sees the whole chain, so do we."""
-    messages = []
-    while error is not None:
-        messages.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    return "\n".join(messages)
 
 
 def _assert_encoder_loaded(network, expected):
@@ -78,7 +69,7 @@ def test_missing_checkpoint_stops_a_pretrained_bundle_before_training(tmp_path):
                          configs=("train.json", "smoke.json"), pretrained_checkpoint=str(missing))
     with pytest.raises(Exception) as error:
         workflow.initialize()
-    message = _chain(error.value)
+    message = error_chain(error.value)
     assert "FileNotFoundError" in message and "download_large_files" in message
     assert "ResEncL-MissingPiece-VoCo" in message
     assert not os.path.exists(tmp_path / "models" / "checkpoint_latest.pt")
@@ -89,7 +80,7 @@ def test_default_checkpoint_location_is_the_bundles_models_folder(tmp_path):
     workflow.parser["pretrained_checkpoint"] = "$@bundle_root + '/models/checkpoint_final.pth'"
     with pytest.raises(Exception) as error:
         workflow.initialize()
-    assert str(tmp_path / "models" / "checkpoint_final.pth") in _chain(error.value)
+    assert str(tmp_path / "models" / "checkpoint_final.pth") in error_chain(error.value)
 
 
 def test_mismatching_checkpoint_is_refused_with_the_offending_key(tmp_path):
@@ -99,7 +90,7 @@ def test_mismatching_checkpoint_is_refused_with_the_offending_key(tmp_path):
                          pretrained_checkpoint=str(path))
     with pytest.raises(Exception) as error:
         workflow.initialize()
-    message = _chain(error.value)
+    message = error_chain(error.value)
     assert "stem.convs.0" in message and str(path) in message
 
 

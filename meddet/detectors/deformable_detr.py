@@ -23,6 +23,7 @@ from torch import nn
 
 from meddet.detectors.losses import sigmoid_focal_loss
 from meddet.detectors.matching import cccwhd_to_xyzxyz, hungarian_match, match_cost
+from meddet.detectors.dispatch import as_batch, detector_forward
 
 MIN_QUERIES = 12
 
@@ -134,37 +135,7 @@ class DeformableDETRDetector(nn.Module):
             training: {"classification", "box_l1", "box_giou", "aux_decoder", "aux_encoder", "loss"} scalars;
             eval: list of B dicts {"box" [N, 6], "label" [N], "label_scores" [N]}.
         """
-        if self.training:
-            if targets is None:
-                raise ValueError("DeformableDETRDetector in training mode needs targets (list of dicts 'box', 'label')")
-            return self.compute_losses(self._as_batch(images), targets)
-        if use_inferer:
-            if self.inferer is None:
-                raise RuntimeError(
-                    "use_inferer=True but no inferer is set: pass `inferer=` or call `set_inferer(inferer)`"
-                )
-            if isinstance(images, torch.Tensor):
-                return self.inferer(self._as_batch(images), self.predict_patches)
-            return [det for image in images for det in self.inferer(self._as_batch([image]), self.predict_patches)]
-        return self.predict_patches(images)
-
-    @staticmethod
-    def _as_batch(images) -> torch.Tensor:
-        if isinstance(images, (list, tuple)):
-            if len(images) == 0:
-                raise ValueError("images is an empty list")
-            shapes = {tuple(image.shape) for image in images}
-            if len(shapes) != 1 or len(next(iter(shapes))) != 4:
-                raise ValueError(
-                    f"a list of images must hold [C, X, Y, Z] tensors of one shape to be batched, got {sorted(shapes)}"
-                )
-            images = torch.stack(list(images))
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            images = images[None]  # a single [C, X, Y, Z] image
-        if not isinstance(images, torch.Tensor) or images.ndim != 5:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a Tensor [B, C, X, Y, Z] or a list of [C, X, Y, Z], got {shape}")
-        return images
+        return detector_forward(self, images, targets, use_inferer)
 
     # ------------------------------------------------------------------ training
     def _normalised_targets(self, targets: Sequence[dict], batch: int, image_size, device):
@@ -261,7 +232,7 @@ class DeformableDETRDetector(nn.Module):
         Returns:
             B dicts: "box" float [N, 6] `xyzxyz`, "label" long [N], "label_scores" float [N] (by decreasing score).
         """
-        patches = self._as_batch(patches)
+        patches = as_batch(patches)
         image_size = tuple(int(s) for s in patches.shape[2:])
         with torch.no_grad():
             outputs = self.network(patches)

@@ -27,6 +27,7 @@ from torch import nn
 from meddet.detectors.anchors import build_anchor_generator
 from meddet.detectors.losses import ellipsoid_segmentation_target, sigmoid_focal_loss
 from meddet.detectors.nms import batched_nms
+from meddet.detectors.dispatch import as_batch, detector_forward
 
 _CLS_LOSSES = ("focal", "bce_hnm")
 _REG_LOSSES = ("l1", "giou")
@@ -196,37 +197,7 @@ class RetinaUNetDetector(nn.Module):
             training: {"classification", "box_regression", "segmentation", "loss"} scalar tensors;
             eval: list of B dicts {"box" [N, 6], "label" [N], "label_scores" [N]}.
         """
-        if self.training:
-            if targets is None:
-                raise ValueError("RetinaUNetDetector in training mode needs targets (list of dicts 'box', 'label')")
-            return self.compute_losses(self._as_batch(images), targets)
-        if use_inferer:
-            if self.inferer is None:
-                raise RuntimeError(
-                    "use_inferer=True but no inferer is set: pass `inferer=` or call `set_inferer(inferer)`"
-                )
-            if isinstance(images, torch.Tensor):
-                return self.inferer(self._as_batch(images), self.predict_patches)
-            return [det for image in images for det in self.inferer(self._as_batch([image]), self.predict_patches)]
-        return self.predict_patches(images)
-
-    @staticmethod
-    def _as_batch(images) -> torch.Tensor:
-        if isinstance(images, (list, tuple)):
-            if len(images) == 0:
-                raise ValueError("images is an empty list")
-            shapes = {tuple(image.shape) for image in images}
-            if len(shapes) != 1 or len(next(iter(shapes))) != 4:
-                raise ValueError(
-                    f"a list of images must hold [C, X, Y, Z] tensors of one shape to be batched, got {sorted(shapes)}"
-                )
-            images = torch.stack(list(images))
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            images = images[None]  # a single [C, X, Y, Z] image
-        if not isinstance(images, torch.Tensor) or images.ndim != 5:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a Tensor [B, C, X, Y, Z] or a list of [C, X, Y, Z], got {shape}")
-        return images
+        return detector_forward(self, images, targets, use_inferer)
 
     # ------------------------------------------------------------------ dense outputs -> per-anchor rows
     def _anchors_per_level(self, images: torch.Tensor, grids: list[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -373,7 +344,7 @@ class RetinaUNetDetector(nn.Module):
             B dicts: "box" float [N, 6] `xyzxyz`, "label" long [N], "label_scores" float [N] (by decreasing
             score).
         """
-        patches = self._as_batch(patches)
+        patches = as_batch(patches)
         with torch.no_grad():
             outputs = self.network(patches)
             level_logits, level_deltas, level_anchors = self._flatten_outputs(outputs, patches)

@@ -16,6 +16,7 @@ from torch import nn
 from meddet.networks.deformable_attention import MultiScaleDeformableAttention3D
 from meddet.networks.position_encoding import PositionEmbeddingSine3D, sine_embedding
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
+from meddet.networks.strides import cumulative_strides
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class logit
 PROPOSAL_RANGE = (0.01, 0.99)  # proposals with a coordinate outside this open range are never selected
@@ -106,21 +107,6 @@ class DeformableDecoderLayer(nn.Module):
         return tgt + self.ffn(self.norm3(tgt))
 
 
-def _cumulative_strides(stage_strides) -> List[int]:
-    """Per-stage strides (ints or per-axis lists) -> isotropic stride of every encoder level."""
-    cumulative, total = [], 1
-    for stage, stride in enumerate(stage_strides):
-        axes = [int(s) for s in stride] if isinstance(stride, (list, tuple)) else [int(stride)] * 3
-        if len(set(axes)) != 1:
-            raise ValueError(
-                f"DeformableDETR: encoder stage {stage} has anisotropic stride {axes}; only isotropic strides are "
-                "supported (detection strides are single integers)"
-            )
-        total *= axes[0]
-        cumulative.append(total)
-    return cumulative
-
-
 class DeformableDETR(nn.Module):
     """Two-stage Deformable DETR in 3D with iterative box refinement.
 
@@ -182,7 +168,7 @@ class DeformableDETR(nn.Module):
         if getattr(encoder, "return_skips", True) is False:
             raise ValueError("DeformableDETR: the encoder returns only its last map; build it with return_skips=True")
         encoder_channels = [int(c) for c in encoder.output_channels]
-        level_strides = _cumulative_strides(encoder.strides)
+        level_strides = cumulative_strides(encoder.strides, "DeformableDETR")
         feature_levels = tuple(int(level) for level in feature_levels)
         if (
             not feature_levels

@@ -10,6 +10,7 @@ from torch import nn
 from meddet.networks.fpn import UNetFPN
 from meddet.networks.heads import ClassificationHead, RegressionHead, SegmentationHead
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
+from meddet.networks.strides import cumulative_strides
 
 DEFAULT_HEAD_CONVS = 2
 
@@ -24,21 +25,6 @@ def fpn_channels_per_level(
         else max(fpn_channels // 2 ** (first_detection_level - level), min_fpn_channels)
         for level in range(num_levels)
     ]
-
-
-def _cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]]) -> List[int]:
-    """Per-stage strides (ints or per-axis lists) -> isotropic stride of every level relative to the input."""
-    cumulative, total = [], 1
-    for stage, stride in enumerate(stage_strides):
-        axes = [int(s) for s in stride] if isinstance(stride, (list, tuple)) else [int(stride)] * 3
-        if len(set(axes)) != 1:
-            raise ValueError(
-                f"RetinaUNet: encoder stage {stage} has anisotropic stride {axes}; only isotropic strides are "
-                "supported (detection strides are single integers)"
-            )
-        total *= axes[0]
-        cumulative.append(total)
-    return cumulative
 
 
 class RetinaUNet(nn.Module):
@@ -83,7 +69,7 @@ class RetinaUNet(nn.Module):
         if getattr(encoder, "return_skips", True) is False:
             raise ValueError("RetinaUNet: the encoder returns only its last map; build it with return_skips=True")
         encoder_channels = [int(c) for c in encoder.output_channels]
-        level_strides = _cumulative_strides(encoder.strides)
+        level_strides = cumulative_strides(encoder.strides, "RetinaUNet")
         num_levels = len(encoder_channels)
         if len(level_strides) != num_levels:
             raise ValueError(

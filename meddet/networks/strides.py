@@ -1,0 +1,25 @@
+"""Encoder strides as the detection code needs them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import List, Union
+
+
+def cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]], owner: str) -> List[int]:
+    """Per-stage strides (ints or per-axis lists) -> isotropic stride of every level relative to the input.
+
+    Detection strides are single integers (anchors and normalised boxes assume the same stride on every
+    axis), so an anisotropic stage stride is refused with a ValueError naming `owner`.
+    """
+    cumulative, total = [], 1
+    for stage, stride in enumerate(stage_strides):
+        axes = [int(s) for s in stride] if isinstance(stride, (list, tuple)) else [int(stride)] * 3
+        if len(set(axes)) != 1:
+            raise ValueError(
+                f"{owner}: encoder stage {stage} has anisotropic stride {axes}; only isotropic strides are "
+                "supported (detection strides are single integers)"
+            )
+        total *= axes[0]
+        cumulative.append(total)
+    return cumulative
