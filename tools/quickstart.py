@@ -36,7 +36,8 @@ def bundle_command(bundle_dir: str, configs: list[str], **overrides) -> list[str
 
 
 def _run(command: list[str], cwd: str, log_path: str) -> None:
-    print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
+    # printed the way one would type it: the config list in double quotes, everything else plain
+    print("$ " + " ".join(f'"{c}"' if c.startswith("[") else shlex.quote(c) for c in command), flush=True)
     start = time.time()
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
