@@ -369,3 +369,14 @@ def test_nms_edge_cases():
     assert batched_nms(boxes, scores, torch.tensor([0, 1, 0]), 0.5).tolist() == [1, 2, 0]
     with pytest.raises(ValueError):
         batched_nms(boxes[:, :4], scores, None, 0.5)
+
+
+def test_full_size_detector_returns_boxes_and_scores_at_64():
+    torch.manual_seed(0)
+    anchors = [[w, h, d] for w in (4, 8, 14) for h in (4, 8, 14) for d in (2, 4, 6)]
+    detector = RetinaUNetDetector(retina_unet_resenc(num_anchors=len(anchors)), anchor_shapes=anchors,
+                                  score_thresh=0.0).eval()
+    [detections] = detector(torch.randn(1, 1, 64, 64, 64))
+    assert detections["box"].shape[1] == 6 and len(detections["box"]) == len(detections["label_scores"]) > 0
+    assert torch.all(detections["box"][:, 3:] > detections["box"][:, :3])
+    assert torch.all((detections["label_scores"] >= 0) & (detections["label_scores"] <= 1))
