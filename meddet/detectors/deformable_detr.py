@@ -23,7 +23,7 @@ from torch import nn
 
 from meddet.detectors.losses import sigmoid_focal_loss
 from meddet.detectors.matching import cccwhd_to_xyzxyz, hungarian_match, match_cost
-from meddet.detectors.dispatch import as_batch, detector_forward
+from meddet.detectors.dispatch import as_batch, check_targets, detector_forward
 
 MIN_QUERIES = 12
 
@@ -140,21 +140,9 @@ class DeformableDETRDetector(nn.Module):
     # ------------------------------------------------------------------ training
     def _normalised_targets(self, targets: Sequence[dict], batch: int, image_size, device):
         """Per image (labels [N], normalised cccwhd boxes [N, 6]) after clipping to the patch."""
-        if len(targets) != batch:
-            raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
         size = torch.as_tensor(image_size, dtype=torch.float32, device=device)
         normalised = []
-        for index, target in enumerate(targets):
-            if "box" not in target or "label" not in target:
-                raise KeyError(f"target {index} needs 'box' and 'label' entries, has {sorted(target)}")
-            boxes = torch.as_tensor(target["box"], dtype=torch.float32, device=device).reshape(-1, 6)
-            labels = torch.as_tensor(target["label"], device=device).reshape(-1).long()
-            if len(boxes) != len(labels):
-                raise ValueError(f"target {index}: {len(boxes)} boxes but {len(labels)} labels")
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"target {index}: labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
-            if bool((boxes[:, 3:] <= boxes[:, :3]).any()):
-                raise ValueError(f"target {index}: every box needs x2 > x1, y2 > y1, z2 > z1 (xyzxyz), got {boxes}")
+        for boxes, labels in check_targets(targets, batch, self.num_classes, device):
             if len(boxes):
                 boxes, keep = clip_boxes_to_image(boxes, tuple(image_size), remove_empty=True)
                 labels = labels[keep]

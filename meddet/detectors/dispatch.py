@@ -1,5 +1,5 @@
-"""What every detector's `forward` does with its inputs: batching, and choosing losses, patch predictions or
-the injected whole-volume inferer. Shared so both detector families behave identically to engines and MONAI
+"""What every detector's `forward` does with its inputs: batching, checking targets, and choosing losses, patch
+predictions or the injected whole-volume inferer. Shared so both detector families behave identically to engines and MONAI
 Label (`detector(images, use_inferer=True)`)."""
 
 from __future__ import annotations
@@ -44,3 +44,24 @@ def detector_forward(detector, images, targets: Sequence[dict] | None, use_infer
             return detector.inferer(as_batch(images), detector.predict_patches)
         return [det for image in images for det in detector.inferer(as_batch([image]), detector.predict_patches)]
     return detector.predict_patches(images)
+
+
+def check_targets(targets: Sequence[dict], batch: int, num_classes: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image (boxes float [N, 6] `xyzxyz`, labels long [N]) on `device`, after checking counts, label range
+    and box extents; N may be 0 (negative patch)."""
+    if len(targets) != batch:
+        raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
+    checked = []
+    for index, target in enumerate(targets):
+        if "box" not in target or "label" not in target:
+            raise KeyError(f"target {index} needs 'box' and 'label' entries, has {sorted(target)}")
+        boxes = torch.as_tensor(target["box"], dtype=torch.float32, device=device).reshape(-1, 6)
+        labels = torch.as_tensor(target["label"], device=device).reshape(-1).long()
+        if len(boxes) != len(labels):
+            raise ValueError(f"target {index}: {len(boxes)} boxes but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"target {index}: labels must lie in [0, {num_classes}), got {labels.tolist()}")
+        if bool((boxes[:, 3:] <= boxes[:, :3]).any()):
+            raise ValueError(f"target {index}: every box needs x2 > x1, y2 > y1, z2 > z1 (xyzxyz), got {boxes}")
+        checked.append((boxes, labels))
+    return checked

@@ -27,7 +27,7 @@ from torch import nn
 from meddet.detectors.anchors import build_anchor_generator
 from meddet.detectors.losses import ellipsoid_segmentation_target, sigmoid_focal_loss
 from meddet.detectors.nms import batched_nms
-from meddet.detectors.dispatch import as_batch, detector_forward
+from meddet.detectors.dispatch import as_batch, check_targets, detector_forward
 
 _CLS_LOSSES = ("focal", "bce_hnm")
 _REG_LOSSES = ("l1", "giou")
@@ -246,24 +246,6 @@ class RetinaUNetDetector(nn.Module):
         return [x.float() for x in logits], [x.float() for x in deltas], anchors
 
     # ------------------------------------------------------------------ training
-    def _check_targets(self, targets: Sequence[dict], batch: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if len(targets) != batch:
-            raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
-        checked = []
-        for index, target in enumerate(targets):
-            if "box" not in target or "label" not in target:
-                raise KeyError(f"target {index} needs 'box' and 'label' entries, has {sorted(target)}")
-            boxes = torch.as_tensor(target["box"], dtype=torch.float32, device=device).reshape(-1, 6)
-            labels = torch.as_tensor(target["label"], device=device).reshape(-1).long()
-            if len(boxes) != len(labels):
-                raise ValueError(f"target {index}: {len(boxes)} boxes but {len(labels)} labels")
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"target {index}: labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
-            if bool((boxes[:, 3:] <= boxes[:, :3]).any()):
-                raise ValueError(f"target {index}: every box needs x2 > x1, y2 > y1, z2 > z1 (xyzxyz), got {boxes}")
-            checked.append((boxes, labels))
-        return checked
-
     def compute_losses(self, images: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Network forward on a batch of patches and the training losses (see the class docstring)."""
         outputs = self.network(images)
@@ -272,7 +254,7 @@ class RetinaUNetDetector(nn.Module):
         deltas = torch.cat(level_deltas, dim=1)  # [B, M, 6]
         anchors = torch.cat(level_anchors, dim=0)  # [M, 6]
         locations_per_level = [len(a) // self.num_anchors for a in level_anchors]
-        checked = self._check_targets(targets, images.shape[0], images.device)
+        checked = check_targets(targets, images.shape[0], self.num_classes, images.device)
 
         cls_targets = torch.zeros_like(logits)
         valid = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)

@@ -16,7 +16,7 @@ from torch import nn
 from meddet.networks.deformable_attention import MultiScaleDeformableAttention3D
 from meddet.networks.position_encoding import PositionEmbeddingSine3D, sine_embedding
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
-from meddet.networks.strides import cumulative_strides
+from meddet.networks.strides import encoder_levels
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class logit
 PROPOSAL_RANGE = (0.01, 0.99)  # proposals with a coordinate outside this open range are never selected
@@ -159,16 +159,7 @@ class DeformableDETR(nn.Module):
         norm_groups: int = 32,
     ):
         super().__init__()
-        for attribute in ("output_channels", "strides"):
-            if not hasattr(encoder, attribute):
-                raise TypeError(
-                    f"DeformableDETR: the encoder ({type(encoder).__name__}) has no attribute '{attribute}'; it needs "
-                    "'output_channels' and 'strides' per stage, like dynamic_network_architectures' ResidualEncoder"
-                )
-        if getattr(encoder, "return_skips", True) is False:
-            raise ValueError("DeformableDETR: the encoder returns only its last map; build it with return_skips=True")
-        encoder_channels = [int(c) for c in encoder.output_channels]
-        level_strides = cumulative_strides(encoder.strides, "DeformableDETR")
+        encoder_channels, level_strides = encoder_levels(encoder, "DeformableDETR")
         feature_levels = tuple(int(level) for level in feature_levels)
         if (
             not feature_levels

@@ -10,7 +10,7 @@ from torch import nn
 from meddet.networks.fpn import UNetFPN
 from meddet.networks.heads import ClassificationHead, RegressionHead, SegmentationHead
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
-from meddet.networks.strides import cumulative_strides
+from meddet.networks.strides import encoder_levels
 
 DEFAULT_HEAD_CONVS = 2
 
@@ -60,16 +60,7 @@ class RetinaUNet(nn.Module):
         head_channels: Optional[int] = None,
     ):
         super().__init__()
-        for attribute in ("output_channels", "strides"):
-            if not hasattr(encoder, attribute):
-                raise TypeError(
-                    f"RetinaUNet: the encoder ({type(encoder).__name__}) has no attribute '{attribute}'; it needs "
-                    "'output_channels' and 'strides' per stage, like dynamic_network_architectures' ResidualEncoder"
-                )
-        if getattr(encoder, "return_skips", True) is False:
-            raise ValueError("RetinaUNet: the encoder returns only its last map; build it with return_skips=True")
-        encoder_channels = [int(c) for c in encoder.output_channels]
-        level_strides = cumulative_strides(encoder.strides, "RetinaUNet")
+        encoder_channels, level_strides = encoder_levels(encoder, "RetinaUNet")
         num_levels = len(encoder_channels)
         if len(level_strides) != num_levels:
             raise ValueError(

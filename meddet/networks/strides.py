@@ -1,4 +1,4 @@
-"""Encoder strides as the detection code needs them."""
+"""Encoder levels (channels and strides) as the detection networks need them."""
 
 from __future__ import annotations
 
@@ -23,3 +23,17 @@ def cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]], owner
         total *= axes[0]
         cumulative.append(total)
     return cumulative
+
+
+def encoder_levels(encoder, owner: str) -> tuple[List[int], List[int]]:
+    """(channels, cumulative isotropic stride) of every level of an encoder that returns one map per stage and
+    exposes `output_channels` and `strides` (like dynamic-network-architectures' ResidualEncoder)."""
+    for attribute in ("output_channels", "strides"):
+        if not hasattr(encoder, attribute):
+            raise TypeError(
+                f"{owner}: the encoder ({type(encoder).__name__}) has no attribute '{attribute}'; it needs "
+                "'output_channels' and 'strides' per stage, like dynamic_network_architectures' ResidualEncoder"
+            )
+    if getattr(encoder, "return_skips", True) is False:
+        raise ValueError(f"{owner}: the encoder returns only its last map; build it with return_skips=True")
+    return [int(c) for c in encoder.output_channels], cumulative_strides(encoder.strides, owner)
