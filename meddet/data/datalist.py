@@ -215,7 +215,7 @@ def _absolute(value, base: Path):
 
 
 def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "training",
-                  num_classes: int | None = None, check_images: bool = True) -> list[dict]:
+                  num_classes: int | None = None, check_images: bool = True, labels: bool = True) -> list[dict]:
     """Read one list of a detection datalist, validated, with absolute paths and array boxes.
 
     Args:
@@ -227,6 +227,8 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
             ``X, Y, Z, C``; a list of files is one channel each, all with the same geometry), hold no
             NaN/Inf, and contain every box (world -> voxel with the file's affine, 1 voxel tolerance).
             With False no file is opened; box and label structure is still checked.
+        labels: False reads an unlabeled list (pre-training): ``box`` / ``label`` entries, if present, are
+            ignored and left out of the returned items; the images are checked as above.
 
     Returns:
         The items, each a copy with ``image`` (and ``instance_mask``, if present) made absolute
@@ -263,11 +265,16 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
                 record[key] = _absolute(record[key], base)
         image_paths = [Path(p) for p in (record["image"] if isinstance(record["image"], list) else [record["image"]])]
         where = f"item {index} (image {record['image']})"
-        item_problems, boxes = _parse_boxes(item)
-        label_problems, labels = _parse_labels(item, num_classes)
-        item_problems += label_problems
-        if boxes is not None and labels is not None and len(boxes) != len(labels):
-            item_problems.append(f"{len(boxes)} boxes but {len(labels)} labels")
+        if labels:
+            item_problems, boxes = _parse_boxes(item)
+            label_problems, classes = _parse_labels(item, num_classes)
+            item_problems += label_problems
+            if boxes is not None and classes is not None and len(boxes) != len(classes):
+                item_problems.append(f"{len(boxes)} boxes but {len(classes)} labels")
+        else:
+            item_problems, boxes, classes = [], None, None
+            record.pop("box", None)
+            record.pop("label", None)
         if check_images:
             image_problems, shape, affine = _check_image(image_paths)
             item_problems += image_problems
@@ -275,7 +282,8 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
                 item_problems += _boxes_outside(boxes, shape, affine)
         problems += [f"{where}: {p}" for p in item_problems]
         if not item_problems:
-            record["box"], record["label"] = boxes, labels
+            if labels:
+                record["box"], record["label"] = boxes, classes
             loaded.append(record)
 
     if problems:

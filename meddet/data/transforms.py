@@ -27,6 +27,7 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
     RandGaussianNoised,
@@ -96,13 +97,26 @@ def loading_transforms(
     intensity_std: float,
     affine_lps_to_ras: bool = False,
     with_boxes: bool = True,
+    intensity_normalization: str = "ct",
 ) -> list:
-    """Load, reorient to RAS, resample to `spacing`, clip + z-score intensities, boxes to voxel.
+    """Load, reorient to RAS, resample to `spacing`, normalise intensities, boxes to voxel.
 
-    Intensity normalisation is CT-style (nnDetection/nnU-Net): clip to the planned foreground
-    percentiles, subtract the foreground mean, divide by its std; one linear map does all three.
+    `intensity_normalization` "ct" (the detectors; nnDetection/nnU-Net's CT scheme): clip to the planned
+    foreground percentiles, subtract the foreground mean, divide by its std; one linear map does all three.
+    "zscore" (nnssl's pre-training default, any modality): subtract each image's own mean, divide by its std;
+    the planned values are then unused.
     """
+    if intensity_normalization not in ("ct", "zscore"):
+        raise ValueError(f"intensity_normalization must be 'ct' or 'zscore', got {intensity_normalization!r}")
     low, high = float(intensity_clip[0]), float(intensity_clip[1])
+    normalise = NormalizeIntensityd(keys="image") if intensity_normalization == "zscore" else ScaleIntensityRanged(
+        keys="image",
+        a_min=low,
+        a_max=high,
+        b_min=(low - intensity_mean) / intensity_std,
+        b_max=(high - intensity_mean) / intensity_std,
+        clip=True,
+    )
     chain = [
         LoadImaged(keys="image", image_only=False, ensure_channel_first=False),
         EnsureChannelFirstd(keys="image"),
@@ -112,14 +126,7 @@ def loading_transforms(
         # as a meta dict, which breaks on MONAI Label's string `image_path`
         Lambdad(keys="image", func=Spacing(pixdim=tuple(float(s) for s in spacing), mode="bilinear",
                                            padding_mode="border")),
-        ScaleIntensityRanged(
-            keys="image",
-            a_min=low,
-            a_max=high,
-            b_min=(low - intensity_mean) / intensity_std,
-            b_max=(high - intensity_mean) / intensity_std,
-            clip=True,
-        ),
+        normalise,
     ]
     if with_boxes:
         chain += _boxes_to_voxel(affine_lps_to_ras)

@@ -3,7 +3,13 @@
 from meddet.engines.handlers import EvaluationReport, LatestCheckpoint, PredictionWriter
 from meddet.engines.optim import parameter_groups
 from meddet.engines.schedulers import WarmupPoly, warmup_poly_scheduler
-from meddet.engines.steps import DetectionTrainStep, detection_eval_step, detection_train_step, flatten_samples
+from meddet.engines.steps import (
+    DetectionTrainStep,
+    detection_eval_step,
+    detection_train_step,
+    flatten_samples,
+    optimisation_step,
+)
 
 __all__ = [
     "DetectionTrainStep",
@@ -14,6 +20,7 @@ __all__ = [
     "detection_eval_step",
     "detection_train_step",
     "flatten_samples",
+    "optimisation_step",
     "parameter_groups",
     "warmup_poly_scheduler",
 ]

@@ -30,6 +30,33 @@ def _autocast(engine: Engine, device: torch.device):
                           **(getattr(engine, "amp_kwargs", None) or {}))
 
 
+def optimisation_step(engine: Engine, compute_losses, clip_grad_norm: float = 0.0) -> dict:
+    """zero_grad -> forward under autocast (CUDA AMP when the engine has `amp`) -> non-finite check -> backward
+    (through the engine's GradScaler when present) -> optional global gradient-norm clipping (after unscaling)
+    -> optimizer step. `compute_losses()` returns a dict whose "loss" entry is minimised; returns it as floats."""
+    device = engine.state.device
+    engine.network.train()
+    engine.optimizer.zero_grad(set_to_none=True)
+    with _autocast(engine, device):
+        losses = compute_losses()
+    loss = losses["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {loss.item()} at iteration {engine.state.iteration}: "
+                                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if v.numel() == 1))
+    scaler = engine.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if clip_grad_norm > 0:
+        if scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), clip_grad_norm)
+    if scaler is not None:
+        scaler.step(engine.optimizer)
+        scaler.update()
+    else:
+        engine.optimizer.step()
+    return {key: value.detach().item() for key, value in losses.items() if value.numel() == 1}
+
+
 class DetectionTrainStep:
     """One optimisation step on a batch of equally sized patches; returns the loss terms as floats.
 
@@ -45,26 +72,7 @@ class DetectionTrainStep:
         images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).to(device,
                                                                                 non_blocking=engine.non_blocking)
         targets = _targets(samples, device)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=True)
-        with _autocast(engine, device):
-            losses = engine.network(images, targets)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at iteration {engine.state.iteration}: "
-                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
-        scaler = engine.scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if self.clip_grad_norm > 0:
-            if scaler is not None:
-                scaler.unscale_(engine.optimizer)
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.clip_grad_norm)
-        if scaler is not None:
-            scaler.step(engine.optimizer)
-            scaler.update()
-        else:
-            engine.optimizer.step()
-        return {key: value.detach().item() for key, value in losses.items()}
+        return optimisation_step(engine, lambda: engine.network(images, targets), self.clip_grad_norm)
 
 
 detection_train_step = DetectionTrainStep()
