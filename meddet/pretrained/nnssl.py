@@ -338,17 +338,21 @@ def initialize_from_pretrained(
     in_channels: int = 1,
     stem: StemChoice = None,
     fetch_hint: str = "",
+    missing_hint: str = "",
 ) -> Optional[dict]:
     """What a bundle's `initialize` calls: load pre-trained encoder weights, or nothing for a scratch bundle.
 
     An empty or None `checkpoint_path` does nothing and returns None. A set path must exist (FileNotFoundError
-    with `fetch_hint` otherwise): a pre-trained bundle never silently trains from scratch. Networks on
+    otherwise, saying how to get it: `missing_hint` when given, e.g. how to pre-train a smoke-size checkpoint, else
+    the download command with `fetch_hint`): a pre-trained bundle never silently trains from scratch. Networks on
     nnDetection's native encoder (`NNDetEncoder`) get the native MultiTalent fusion
     (`meddet.pretrained.native.load_native_multitalent`), all others `load_pretrained_encoder`.
     """
     if checkpoint_path is None or not str(checkpoint_path).strip():
         logger.info("no pre-trained checkpoint configured; the network keeps its own initialisation")
         return None
+    if missing_hint and not os.path.isfile(os.fspath(checkpoint_path)):
+        raise FileNotFoundError(f"pre-trained checkpoint '{checkpoint_path}' does not exist; {missing_hint}")
     from meddet.networks.nndet_backbone import NNDetEncoder  # the native fusion lives one module over
 
     if isinstance(detector_encoder(network), NNDetEncoder):
@@ -378,13 +382,17 @@ def make_nnssl_checkpoint(
     recommended_downstream_patchsize: Sequence[int] = (160, 160, 160),
     pretrain_num_input_channels: int = 1,
     citations: Optional[Sequence[Mapping]] = None,
+    arch_kwargs_requiring_import: Optional[Sequence[str]] = None,
+    extra: Optional[Mapping] = None,
 ) -> str:
     """Write `network_weights` as a checkpoint in the nnssl release format (see the module docstring); returns path.
 
     `keys_to_in_proj` defaults to the ResEnc stem's first conv under both of its names. The pre-training plan is
     reduced to one configuration (`configuration_name`: patch size, spacing, normalisation); VoCo's release, for
-    example, has a 192x192x64 pre-training patch. Only plain Python values and tensors are written, so
-    `torch.load(weights_only=True)` reads it back.
+    example, has a 192x192x64 pre-training patch. `arch_kwargs_requiring_import` lists the `arch_kwargs` entries
+    that are dotted class names; `extra` adds top-level entries (e.g. `trainer_name`, `current_epoch`). Only plain
+    Python values and tensors are written, so `torch.load(weights_only=True)` reads it back. The file is written
+    to a temporary name and renamed, so an interrupted write never leaves a truncated checkpoint behind.
     """
     if keys_to_in_proj is None:
         keys_to_in_proj = (f"{key_to_stem}.convs.0.conv", f"{key_to_stem}.convs.0.all_modules.0")
@@ -392,6 +400,8 @@ def make_nnssl_checkpoint(
         "architecture_plans": {
             "arch_class_name": str(arch_class_name),
             "arch_kwargs": None if arch_kwargs is None else _plain(arch_kwargs),
+            "arch_kwargs_requiring_import": (None if arch_kwargs_requiring_import is None
+                                             else [str(k) for k in arch_kwargs_requiring_import]),
         },
         "pretrain_plan": {
             "configurations": {
@@ -412,9 +422,13 @@ def make_nnssl_checkpoint(
     checkpoint = {WEIGHTS_KEY: dict(network_weights), PLAN_KEY: plan}
     if citations is not None:
         checkpoint["citations"] = [_plain(c) for c in citations]
+    for key, value in (extra or {}).items():
+        checkpoint[str(key)] = _plain(value)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    torch.save(checkpoint, path)
+    tmp = os.fspath(path) + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
     return os.fspath(path)
 
 
