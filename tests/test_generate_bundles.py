@@ -12,6 +12,9 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import generate_bundles  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
+DETECTION = [v for v in VARIANTS if v["kind"] == "detection"]
+PRETRAINING = [v for v in VARIANTS if v["kind"] == "pretraining"]
+
 
 def test_committed_bundles_match_the_variant_table():
     result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate_bundles.py"), "--check"],
@@ -27,8 +30,8 @@ def test_check_fails_when_the_table_changes_without_regenerating():
     assert generate_bundles.differences(REPO, VARIANTS) == []
 
 
-def test_every_bundle_has_the_model_zoo_keys():
-    for variant in VARIANTS:
+def test_every_detection_bundle_has_the_model_zoo_keys():
+    for variant in DETECTION:
         configs = os.path.join(REPO, "bundles", variant["name"], "configs")
         with open(os.path.join(configs, "train.json")) as f:
             train = json.load(f)
@@ -48,6 +51,28 @@ def test_every_bundle_has_the_model_zoo_keys():
         assert "meddet" in metadata["required_packages_version"]
 
 
+def test_every_pretraining_bundle_has_the_workflow_keys():
+    for variant in PRETRAINING:
+        configs = os.path.join(REPO, "bundles", variant["name"], "configs")
+        with open(os.path.join(configs, "train.json")) as f:
+            train = json.load(f)
+        for key in ("bundle_root", "device", "dataset_dir", "data_list_file_path", "output_dir", "ckpt_dir", "amp",
+                    "patch_size", "network_def", "network", "arch_kwargs", "objective", "checkpoint_writer",
+                    "initialize", "run", "finalize"):
+            assert key in train, key
+        assert {"dataset", "handlers", "preprocessing", "trainer"} <= set(train["train"])
+        assert "max_epochs" in train["train"]["trainer"]
+        for entry in ("evaluate.json", "multi_gpu_train.json", "smoke.json", "logging.conf", "metadata.json"):
+            assert os.path.exists(os.path.join(configs, entry)), entry
+        # its smoke encoder is the detectors' smoke encoder, so the checkpoint feeds their smoke presets
+        with open(os.path.join(configs, "smoke.json")) as f:
+            smoke = json.load(f)
+        with open(os.path.join(REPO, "bundles", "retinaunet_resencl_mae_detection", "configs", "smoke.json")) as f:
+            detector_smoke = json.load(f)
+        for key in ("encoder_features", "encoder_strides", "encoder_blocks", "spacing"):
+            assert smoke[key] == detector_smoke[key], key
+
+
 def test_smoke_preset_overrides_only_top_level_keys():
     # one smoke file merges over train.json, evaluate.json and inference.json alike only if it never
     # reaches into a nested section that one of them lacks
@@ -62,11 +87,12 @@ def test_the_collection_has_every_detector_and_initialisation():
     inits = ("scratch", "mae", "s3d", "mg", "voco", "multitalent")
     assert names == ({f"retinaunet_resencl_{i}_detection" for i in inits}
                      | {f"defdetr_resencl_{i}_detection" for i in inits}
-                     | {"retinaunet_nndet_scratch_detection", "retinaunet_nndet_multitalent_detection"})
+                     | {"retinaunet_nndet_scratch_detection", "retinaunet_nndet_multitalent_detection"}
+                     | {"resencl_mae_pretraining", "resencl_simclr_pretraining"})
 
 
 def test_pretrained_bundles_fetch_their_released_checkpoint():
-    for variant in VARIANTS:
+    for variant in DETECTION:
         folder = os.path.join(REPO, "bundles", variant["name"])
         with open(os.path.join(folder, "configs", "train.json")) as f:
             train = json.load(f)

@@ -37,7 +37,7 @@ def _no_schema_download(monkeypatch):
 
 
 def test_the_collection_has_bundles():
-    assert len(BUNDLES) == 14
+    assert len(BUNDLES) == 16  # 14 detection + 2 pre-training bundles
 
 
 @pytest.mark.parametrize("name", BUNDLES)

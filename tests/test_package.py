@@ -60,7 +60,7 @@ def test_packaging_twice_gives_identical_bytes(tmp_path):
     second = package.package(str(tmp_path / "b"), BASE_URL, index=None)
     assert first == second
     names = sorted(os.listdir(tmp_path / "a"))
-    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 15  # 14 zips + the index
+    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 17  # 16 zips + the index
     for file in names:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
 
@@ -81,7 +81,8 @@ def test_the_index_lists_every_bundle_with_the_zip_checksum(tmp_path):
         assert entry == {"checksum": hashlib.sha256((out / zip_name).read_bytes()).hexdigest(),
                          "source": f"{BASE_URL}/{zip_name}"}
         assert index["bundles"][name] == {
-            "latest_version": metadata["version"], "family": metadata["meddet"]["family"],
+            "latest_version": metadata["version"], "kind": metadata["meddet"]["kind"],
+            "family": metadata["meddet"]["family"],
             "detector": metadata["meddet"]["detector"], "initialisation": metadata["meddet"]["initialisation"],
             "description": metadata["name"]}
 

@@ -8,7 +8,7 @@ evaluate.json and inference.json alike. Components come from `meddet` by full do
 from __future__ import annotations
 
 import meddet
-from variants import FAMILIES, HF, INITIALISATIONS, PAPER
+from variants import FAMILIES, HF, INITIALISATIONS, PAPER, SMOKE_CHECKPOINT_SOURCE
 
 MEDDET_REQUIREMENT = meddet.__version__
 MONAI_VERSION = "1.6.1"
@@ -35,12 +35,12 @@ VERSION_CHECK = f"$__import__('meddet').require_version('{MEDDET_REQUIREMENT}')"
 
 # Defaults planned by `python tools/plan.py` on the `realistic` synthetic preset (generic CT lesions):
 # re-plan on your own training datalist and pass the written file as an extra config.
-GENERIC_PLAN = {
-    "spacing": [0.8, 0.8, 2.0],
+GENERIC_PLAN_INTENSITY = {
     "intensity_clip": [-1000.0, 500.0],
     "intensity_mean": -450.0,
     "intensity_std": 420.0,
 }
+GENERIC_PLAN = {"spacing": [0.8, 0.8, 2.0], **GENERIC_PLAN_INTENSITY}
 GENERIC_PLAN_ANCHORS = {
     "anchor_shapes": [[w, h, d] for w in (4, 8, 14) for h in (4, 8, 14) for d in (2, 4, 6)],
 }
@@ -261,13 +261,16 @@ def pretrained_keys(variant: dict) -> dict:
         "pretrained_checkpoint": "$@bundle_root + '/models/checkpoint_final.pth'" if spec else "",
         "pretrained_url": HF.format(repo=spec["repo"]) if spec else "",
         "pretrained_stem": None,
+        # what a missing checkpoint's error says instead of the download command (the smoke preset sets it)
+        "pretrained_missing_hint": "",
         # > 0: the encoder stays frozen for that many iterations (ablation; the release fine-tunes everything)
         "freeze_encoder_iterations": 0,
     }
 
 
 PRETRAINED_INIT = ("$meddet.pretrained.initialize_from_pretrained(@network_def, @pretrained_checkpoint, "
-                   "in_channels=@in_channels, stem=@pretrained_stem, fetch_hint=@pretrained_url)")
+                   "in_channels=@in_channels, stem=@pretrained_stem, fetch_hint=@pretrained_url, "
+                   "missing_hint=@pretrained_missing_hint)")
 
 
 def train_config(variant: dict) -> dict:
@@ -490,9 +493,29 @@ def multi_gpu_config(variant: dict) -> dict:
     }
 
 
+def smoke_checkpoint_hint(variant: dict) -> str:
+    """How to get the small checkpoint a pre-trained bundle's smoke preset starts from."""
+    source = SMOKE_CHECKPOINT_SOURCE.get(variant["initialisation"])
+    if source is None:
+        return ("the smoke preset starts from a smoke-size checkpoint in the native MultiTalent layout of the smoke "
+                "encoder (features 8-16-32-32), which the collection cannot pre-train (MultiTalent is supervised "
+                "multi-dataset segmentation); pass one with --pretrained_checkpoint PATH")
+    return (f"the smoke preset starts from a smoke-size checkpoint: pre-train one with the smoke preset of "
+            f"bundles/resencl_{source}_pretraining (python -m monai.bundle run --config_file "
+            "\"['configs/train.json','configs/smoke.json']\" --dataset_dir D --data_list_file_path L --bundle_root R) "
+            "and pass --pretrained_checkpoint R/models/checkpoint_final.pth; any nnssl-format checkpoint of the smoke "
+            "encoder works")
+
+
 def smoke_config(variant: dict) -> dict:
-    """Tiny CPU preset: merges over train.json, evaluate.json and inference.json (top-level keys only)."""
-    return dict(family(variant)["smoke"])
+    """Tiny CPU preset: merges over train.json, evaluate.json and inference.json (top-level keys only). A pre-trained
+    variant keeps its `pretrained_checkpoint` (a small one, see `smoke_checkpoint_hint`): it never trains from
+    scratch, not even in smoke."""
+    smoke = dict(family(variant)["smoke"])
+    if pretraining(variant) is not None:
+        del smoke["pretrained_checkpoint"]
+        smoke["pretrained_missing_hint"] = smoke_checkpoint_hint(variant)
+    return smoke
 
 
 LOGGING_CONF = """[loggers]
@@ -566,36 +589,15 @@ def metadata(variant: dict) -> dict:
     if spec:
         references.append(spec["citation"])
     return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
-        "version": variant["version"],
-        "changelog": dict(sorted(variant["changelog"].items(), key=lambda kv: _version_key(kv[0]), reverse=True)),
-        "monai_version": MONAI_VERSION,
-        "pytorch_version": PYTORCH_VERSION,
-        "numpy_version": NUMPY_VERSION,
-        "required_packages_version": {
-            "meddet": MEDDET_REQUIREMENT,
-            "nibabel": "5.4.2",
-            "itk": "5.4.7",
-            "pytorch-ignite": "0.5.5",
-            "dynamic-network-architectures": "0.4.4",
-            "scipy": "1.17.1",
-            "tensorboard": "2.21.0",
-            "matplotlib": "3.11.2",
-        },
-        "supported_apps": {},
+        **metadata_common(variant),
         "name": title(variant),
         "task": "3D lesion detection in CT",
         "description": (f"{title(variant)}: a 3D object detector returning boxes, labels and scores for lesions in "
                         "a volume, fine-tunable on your own datalist."),
-        "authors": "meddet contributors",
-        "copyright": "Copyright (c) meddet contributors",
         "data_source": "your own detection datalist (MONAI detection format); synthetic data for the smoke preset",
-        "data_type": "nibabel",
         "image_classes": "single-channel CT in Hounsfield units",
         "label_classes": "0: lesion (boxes world mm cccwhd, 0-based labels)",
         "pred_classes": "0: lesion",
-        "eval_metrics": {},
-        "intended_use": "This is an example, not to be used for diagnostic purposes",
         "references": references,
         "network_data_format": {
             "inputs": {
@@ -624,12 +626,41 @@ def metadata(variant: dict) -> dict:
             },
         },
         "meddet": {
+            "kind": "detection",
             "family": variant["family"],
             "detector": family(variant)["detector"],
             "initialisation": variant["initialisation"],
             "pretraining": _pretraining_metadata(variant),
             "parameters": PARAMETER_COUNTS[variant["family"]],
         },
+    }
+
+
+def metadata_common(variant: dict) -> dict:
+    """Metadata entries every bundle of the collection shares (versions, packages, authorship, intended use)."""
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
+        "version": variant["version"],
+        "changelog": dict(sorted(variant["changelog"].items(), key=lambda kv: _version_key(kv[0]), reverse=True)),
+        "monai_version": MONAI_VERSION,
+        "pytorch_version": PYTORCH_VERSION,
+        "numpy_version": NUMPY_VERSION,
+        "required_packages_version": {
+            "meddet": MEDDET_REQUIREMENT,
+            "nibabel": "5.4.2",
+            "itk": "5.4.7",
+            "pytorch-ignite": "0.5.5",
+            "dynamic-network-architectures": "0.4.4",
+            "scipy": "1.17.1",
+            "tensorboard": "2.21.0",
+            "matplotlib": "3.11.2",
+        },
+        "supported_apps": {},
+        "authors": "meddet contributors",
+        "copyright": "Copyright (c) meddet contributors",
+        "data_type": "nibabel",
+        "eval_metrics": {},
+        "intended_use": "This is an example, not to be used for diagnostic purposes",
     }
 
 
@@ -672,6 +703,19 @@ Fetch the weights once (about 400 MB, CC-BY-4.0 per the model card) into `models
 or download {url} there yourself. Training stops with this instruction if the file is missing; a pre-trained
 bundle never trains from scratch silently. Another location: `--pretrained_checkpoint PATH`.
 """
+
+
+def _smoke_note(variant: dict) -> str:
+    if pretraining(variant) is None:
+        return ""
+    source = SMOKE_CHECKPOINT_SOURCE.get(variant["initialisation"])
+    if source is None:
+        return (" The smoke preset does not train from scratch either: it needs a smoke-size checkpoint in the "
+                "native MultiTalent layout (`--pretrained_checkpoint PATH`), which the collection cannot pre-train.")
+    return f"""
+The smoke preset does not train from scratch either: it starts from a smoke-size checkpoint of the smoke encoder,
+made by the smoke preset of `bundles/resencl_{source}_pretraining` and passed with `--pretrained_checkpoint PATH`
+(`python tools/quickstart.py --init mae` does both steps)."""
 
 
 def readme(variant: dict) -> str:
@@ -737,7 +781,7 @@ Multi-GPU training:
     torchrun --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json','plans.json']" --dataset_dir D --data_list_file_path L
 
 Add `configs/smoke.json` (before `plans.json`) to any command for a tiny CPU-sized network and schedule
-(minutes on 2 cores; it does not load the full-size pre-trained checkpoint).
+(minutes on 2 cores).{_smoke_note(variant)}
 
 ## Outputs
 

@@ -18,7 +18,10 @@ import fire
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bundle_templates  # noqa: E402
+import pretraining_templates  # noqa: E402
 from variants import VARIANTS  # noqa: E402
+
+TEMPLATES = {"detection": bundle_templates, "pretraining": pretraining_templates}
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def render_variant(variant: dict) -> dict[str, str]:
     """Relative path -> file content for one variant."""
     files = {}
-    for relative, content in bundle_templates.render(variant).items():
+    for relative, content in TEMPLATES[variant["kind"]].render(variant).items():
         files[relative] = json.dumps(content, indent=4) + "\n" if isinstance(content, (dict, list)) else content
     return files
 
@@ -38,7 +41,7 @@ def render_all(variants=VARIANTS) -> dict[str, str]:
         raise ValueError(f"variant table: duplicated bundle names {sorted(duplicated)}")
     files = {}
     for variant in variants:
-        if "detection" not in variant["name"]:
+        if variant["kind"] == "detection" and "detection" not in variant["name"]:
             raise ValueError(f"variant table: bundle name '{variant['name']}' must contain 'detection' "
                              "(MONAI Label picks the task type from the name)")
         for relative, content in render_variant(variant).items():

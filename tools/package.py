@@ -15,7 +15,7 @@ zlib build: a different deflate implementation may compress the same content dif
 
 Index (`bundle_index.json`, the MONAI model zoo's `model_info.json` form plus a per-bundle section):
 
-    {"bundles": {"<name>": {"latest_version", "family", "detector", "initialisation", "description"}},
+    {"bundles": {"<name>": {"latest_version", "kind", "family", "detector", "initialisation", "description"}},
      "<name>_v<version>": {"checksum": "<sha256 of the zip>", "source": "<base_url>/<name>_v<version>.zip"}, ...}
 
 Entries of older versions are kept (append-only); the current version's entry is (re)written. The index named by
@@ -158,15 +158,16 @@ def package_bundle(bundle_path: str, out_dir: str, meddet_dir: str = MEDDET_DIR)
     name = os.path.basename(os.path.normpath(bundle_path))
     metadata = read_metadata(bundle_path)
     details = metadata.get("meddet", {})
-    missing = [key for key in ("family", "detector", "initialisation") if key not in details]
+    missing = [key for key in ("kind", "family", "detector", "initialisation") if key not in details]
     if missing or "name" not in metadata:
         raise ValueError(f"{bundle_path}/configs/metadata.json: missing {missing or ['name']} "
-                         "(the index lists family, detector, initialisation and the display name)")
+                         "(the index lists kind, family, detector, initialisation and the display name)")
     data = zip_bytes(bundle_members(bundle_path, meddet_dir))
     path = os.path.join(out_dir, zip_name(name, metadata["version"]))
     with open(path, "wb") as f:
         f.write(data)
-    section = {"latest_version": metadata["version"], "family": details["family"], "detector": details["detector"],
+    section = {"latest_version": metadata["version"], "kind": details["kind"], "family": details["family"],
+               "detector": details["detector"],
                "initialisation": details["initialisation"], "description": metadata["name"]}
     return {"name": name, "version": metadata["version"], "path": path, "sha256": hashlib.sha256(data).hexdigest(),
             "section": section}

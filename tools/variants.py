@@ -136,29 +136,117 @@ FAMILIES = {
 }
 
 
-def _row(family: str, initialisation: str, changelog: str) -> dict:
-    name = f"{family}_{initialisation.replace('_native', '')}_detection"
-    return {"name": name, "family": family, "initialisation": initialisation, "version": "0.1.0",
-            "changelog": {"0.1.0": changelog}}
+# Self-supervised pre-training of the ResEnc encoders (nnssl's recipes, DESIGN §11). A `pretraining` row renders a
+# bundle that writes `models/checkpoint_final.pth` in the released format; `initialisation` names the detection
+# initialisation it produces (`mae` feeds the `*_mae_detection` bundles).
+PRETRAINING_RECIPE = {
+    "optimizer": "SGD",
+    "learning_rate": 1e-2,
+    "momentum": 0.99,
+    "weight_decay": 3e-5,
+    "max_epochs": 1000,
+    "epoch_length": 250,
+    "batch_size": 8,  # across all ranks
+    "spacing": [1.0, 1.0, 1.0],
+    "intensity_normalization": "zscore",
+    "recommended_downstream_patchsize": [160, 160, 160],
+}
+PRETRAINING_METHODS = {
+    "mae": {
+        "method": "MAE",
+        "kind": "reconstruction (dense masked autoencoder)",
+        "citation": INITIALISATIONS["mae"]["citation"],
+        "network": "meddet.pretraining.build_resenc_unet",
+        "objective": {"_target_": "meddet.pretraining.MaskedReconstruction", "mask_ratio": "@mask_ratio",
+                      "block_size": "@mask_block_size"},
+        "transforms": "meddet.pretraining.mae_transforms",
+        "settings": {"patch_size": [160, 160, 160], "mask_ratio": 0.75, "mask_block_size": 16, "decoder_convs": 1,
+                     "clip_grad_norm": 12.0},
+        "smoke": {"patch_size": [32, 32, 32], "mask_block_size": 8},
+    },
+    "simclr": {
+        "method": "SimCLR",
+        "kind": "contrastive (two overlapping crops of one patch, NT-Xent)",
+        "citation": "Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020",
+        "network": "meddet.pretraining.build_contrastive_network",
+        "objective": {"_target_": "meddet.pretraining.ContrastiveViews", "temperature": "@temperature"},
+        "transforms": "meddet.pretraining.simclr_transforms",
+        "settings": {"patch_size": [192, 192, 64], "crop_size": [64, 64, 64], "min_overlap": 0.5, "temperature": 0.5,
+                     "hidden_dim": 2048, "projection_dim": 2048, "clip_grad_norm": 0.1},
+        "smoke": {"patch_size": [48, 48, 32], "crop_size": [32, 32, 32], "hidden_dim": 256, "projection_dim": 128},
+    },
+}
+# The pre-training smoke encoder is the detectors' smoke encoder, so its checkpoint feeds their smoke presets.
+_SMOKE_PRETRAINING = {
+    **{key: _SMOKE_RETINAUNET[key] for key in ("encoder_features", "encoder_strides", "encoder_blocks", "spacing")},
+    "intensity_normalization": "ct",  # the detectors' CT scheme with the same plan: the encoder sees what it will see
+    "batch_size": 4,
+    "max_epochs": 10,
+    "epoch_length": 20,
+    "val_interval": 5,
+    "checkpoint_interval": 20,
+    "cache_rate": 1.0,
+    "num_workers": 0,
+    "recommended_downstream_patchsize": _SMOKE_RETINAUNET["patch_size"],
+}
+FAMILIES["resencl"] = {
+    "kind": "pretraining",
+    "title": "ResEnc-L encoder",
+    "network": {key: FAMILIES["retinaunet_resencl"]["network"][key]
+                for key in ("encoder_features", "encoder_strides", "encoder_blocks")},
+    "smoke": _SMOKE_PRETRAINING,
+}
+
+# Which pre-training bundle makes the small checkpoint a pre-trained detection bundle's smoke preset starts from
+# (the closest method the collection can pre-train; a user may pass any other with --pretrained_checkpoint).
+SMOKE_CHECKPOINT_SOURCE = {"mae": "mae", "s3d": "mae", "mg": "mae", "voco": "simclr", "multitalent": "mae"}
+
+
+_V020 = {
+    "scratch": "meddet 0.2.0 (shared with the new pre-training bundles); this bundle computes the same as in 0.1.0",
+    "pretrained": ("meddet 0.2.0; the smoke preset starts from a small pre-trained checkpoint (made by a pre-training "
+                   "bundle's smoke preset, or passed with --pretrained_checkpoint) instead of training from scratch"),
+}
+
+
+def _row(family: str, initialisation: str, changelog: dict, kind: str = "detection") -> dict:
+    """A bundle: its version is the newest of its changelog."""
+    name = f"{family}_{initialisation.replace('_native', '')}_{kind}"
+    version = max(changelog, key=lambda v: tuple(int(p) for p in v.split(".")))
+    return {"name": name, "family": family, "initialisation": initialisation, "kind": kind, "version": version,
+            "changelog": dict(changelog)}
+
+
+def _detection(family: str, initialisation: str, first_release: str) -> dict:
+    later = _V020["scratch" if initialisation == "scratch" else "pretrained"]
+    return _row(family, initialisation, {"0.1.0": first_release, "0.2.0": later})
+
+
+def _pretraining(method: str, first_release: str) -> dict:
+    return _row("resencl", method, {"0.1.0": first_release}, kind="pretraining")
 
 
 VARIANTS = [
-    _row("retinaunet_resencl", "scratch", "initial release: Retina U-Net on ResEnc-L, random initialisation"),
-    _row("retinaunet_resencl", "mae", "initial release: Retina U-Net on ResEnc-L, MAE pre-trained encoder"),
-    _row("retinaunet_resencl", "s3d", "initial release: Retina U-Net on ResEnc-L, Spark-3D pre-trained encoder"),
-    _row("retinaunet_resencl", "mg", "initial release: Retina U-Net on ResEnc-L, Models Genesis pre-trained encoder"),
-    _row("retinaunet_resencl", "voco", "initial release: Retina U-Net on ResEnc-L, VoCo pre-trained encoder"),
-    _row("retinaunet_resencl", "multitalent",
-         "initial release: Retina U-Net on ResEnc-L, MultiTalent pre-trained encoder"),
-    _row("retinaunet_nndet", "scratch",
-         "initial release: Retina U-Net on nnDetection's conv backbone, random initialisation"),
-    _row("retinaunet_nndet", "multitalent_native",
-         "initial release: Retina U-Net on nnDetection's conv backbone, MultiTalent pre-trained encoder"),
-    _row("defdetr_resencl", "scratch", "initial release: Deformable DETR on ResEnc-L, random initialisation"),
-    _row("defdetr_resencl", "mae", "initial release: Deformable DETR on ResEnc-L, MAE pre-trained encoder"),
-    _row("defdetr_resencl", "s3d", "initial release: Deformable DETR on ResEnc-L, Spark-3D pre-trained encoder"),
-    _row("defdetr_resencl", "mg", "initial release: Deformable DETR on ResEnc-L, Models Genesis pre-trained encoder"),
-    _row("defdetr_resencl", "voco", "initial release: Deformable DETR on ResEnc-L, VoCo pre-trained encoder"),
-    _row("defdetr_resencl", "multitalent",
-         "initial release: Deformable DETR on ResEnc-L, MultiTalent pre-trained encoder"),
+    _detection("retinaunet_resencl", "scratch", "initial release: Retina U-Net on ResEnc-L, random initialisation"),
+    _detection("retinaunet_resencl", "mae", "initial release: Retina U-Net on ResEnc-L, MAE pre-trained encoder"),
+    _detection("retinaunet_resencl", "s3d", "initial release: Retina U-Net on ResEnc-L, Spark-3D pre-trained encoder"),
+    _detection("retinaunet_resencl", "mg",
+               "initial release: Retina U-Net on ResEnc-L, Models Genesis pre-trained encoder"),
+    _detection("retinaunet_resencl", "voco", "initial release: Retina U-Net on ResEnc-L, VoCo pre-trained encoder"),
+    _detection("retinaunet_resencl", "multitalent",
+               "initial release: Retina U-Net on ResEnc-L, MultiTalent pre-trained encoder"),
+    _detection("retinaunet_nndet", "scratch",
+               "initial release: Retina U-Net on nnDetection's conv backbone, random initialisation"),
+    _detection("retinaunet_nndet", "multitalent_native",
+               "initial release: Retina U-Net on nnDetection's conv backbone, MultiTalent pre-trained encoder"),
+    _detection("defdetr_resencl", "scratch", "initial release: Deformable DETR on ResEnc-L, random initialisation"),
+    _detection("defdetr_resencl", "mae", "initial release: Deformable DETR on ResEnc-L, MAE pre-trained encoder"),
+    _detection("defdetr_resencl", "s3d", "initial release: Deformable DETR on ResEnc-L, Spark-3D pre-trained encoder"),
+    _detection("defdetr_resencl", "mg",
+               "initial release: Deformable DETR on ResEnc-L, Models Genesis pre-trained encoder"),
+    _detection("defdetr_resencl", "voco", "initial release: Deformable DETR on ResEnc-L, VoCo pre-trained encoder"),
+    _detection("defdetr_resencl", "multitalent",
+               "initial release: Deformable DETR on ResEnc-L, MultiTalent pre-trained encoder"),
+    _pretraining("mae", "initial release: MAE pre-training of a ResEnc-L encoder on unlabeled volumes"),
+    _pretraining("simclr", "initial release: SimCLR pre-training of a ResEnc-L encoder on unlabeled volumes"),
 ]
