@@ -2,9 +2,12 @@
 `python -m monai.bundle run` commands a user would type.
 
     python tools/quickstart.py [--work_dir quickstart] [--bundle retinaunet_resencl_scratch_detection]
+    python tools/quickstart.py --init mae     # pre-train (smoke) -> fine-tune retinaunet_resencl_mae_detection
 
 Prints AP@0.1, mAP@[0.1:0.5] and the FROC score of the validation split and where the PNGs are.
 Everything is written under `work_dir`; the bundle folder in the repository is not modified.
+With `--init mae` (or `simclr`) the encoder is first pre-trained by `resencl_<init>_pretraining`'s smoke preset on
+the training images (their boxes unused), and the pre-trained detection bundle fine-tunes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -48,8 +51,14 @@ def _run(command: list[str], cwd: str, log_path: str) -> None:
     print(f"  done in {time.time() - start:.0f} s (log: {log_path})", flush=True)
 
 
-def quickstart(work_dir: str = "quickstart", bundle: str = "retinaunet_resencl_scratch_detection",
-               preset: str = "easy", seed: int = 0) -> None:
+PRETRAINED_BUNDLE = {"mae": "retinaunet_resencl_mae_detection", "simclr": "retinaunet_resencl_voco_detection"}
+
+
+def quickstart(work_dir: str = "quickstart", bundle: str | None = None, preset: str = "easy", seed: int = 0,
+               init: str = "scratch") -> None:
+    if init not in ("scratch", *PRETRAINED_BUNDLE):
+        raise SystemExit(f"--init must be scratch, {' or '.join(PRETRAINED_BUNDLE)}; got {init!r}")
+    bundle = bundle or PRETRAINED_BUNDLE.get(init, "retinaunet_resencl_scratch_detection")
     work_dir = os.path.abspath(work_dir)
     bundle_dir = os.path.join(REPO_ROOT, "bundles", bundle)
     if not os.path.isdir(bundle_dir):
@@ -58,10 +67,12 @@ def quickstart(work_dir: str = "quickstart", bundle: str = "retinaunet_resencl_s
     run_dir = os.path.join(work_dir, "run")
     os.makedirs(run_dir, exist_ok=True)
 
-    print(f"1/5 synthetic '{preset}' dataset -> {data_dir}", flush=True)
+    steps = 5 if init == "scratch" else 6
+    step = iter(range(1, steps + 1))
+    print(f"{next(step)}/{steps} synthetic '{preset}' dataset -> {data_dir}", flush=True)
     datalist = generate_dataset(data_dir, preset=preset, seed=seed)
 
-    print("2/5 planning spacing, intensities and anchors from the training split", flush=True)
+    print(f"{next(step)}/{steps} planning spacing, intensities and anchors from the training split", flush=True)
     with open(os.path.join(bundle_dir, "configs", "smoke.json")) as f:
         smoke = json.load(f)
     level_scales = [2 ** i for i in range(len(smoke["detection_levels"]))]
@@ -71,13 +82,23 @@ def quickstart(work_dir: str = "quickstart", bundle: str = "retinaunet_resencl_s
 
     common = dict(bundle_root=run_dir, dataset_dir=data_dir, data_list_file_path=datalist)
     smoke_configs = ["configs/smoke.json", plans_path]
-    print("3/5 training (smoke preset)", flush=True)
-    _run(bundle_command(bundle_dir, ["configs/train.json", *smoke_configs], **common), bundle_dir,
+    training = {}
+    if init != "scratch":
+        pretraining_dir = os.path.join(REPO_ROOT, "bundles", f"resencl_{init}_pretraining")
+        pretraining_root = os.path.join(work_dir, f"pretrain_{init}")
+        print(f"{next(step)}/{steps} pre-training the encoder ({init}, smoke preset) on the training images",
+              flush=True)
+        _run(bundle_command(pretraining_dir, ["configs/train.json", *smoke_configs], bundle_root=pretraining_root,
+                            dataset_dir=data_dir, data_list_file_path=datalist),
+             pretraining_dir, os.path.join(work_dir, "pretrain.log"))
+        training["pretrained_checkpoint"] = os.path.join(pretraining_root, "models", "checkpoint_final.pth")
+    print(f"{next(step)}/{steps} training (smoke preset)", flush=True)
+    _run(bundle_command(bundle_dir, ["configs/train.json", *smoke_configs], **common, **training), bundle_dir,
          os.path.join(work_dir, "train.log"))
-    print("4/5 evaluating the best checkpoint on the validation split", flush=True)
+    print(f"{next(step)}/{steps} evaluating the best checkpoint on the validation split", flush=True)
     _run(bundle_command(bundle_dir, ["configs/train.json", "configs/evaluate.json", *smoke_configs], **common),
          bundle_dir, os.path.join(work_dir, "evaluate.log"))
-    print("5/5 inference on the validation images", flush=True)
+    print(f"{next(step)}/{steps} inference on the validation images", flush=True)
     _run(bundle_command(bundle_dir, ["configs/inference.json", *smoke_configs], save_png=True,
                         output_dir=os.path.join(run_dir, "inference"), **common),
          bundle_dir, os.path.join(work_dir, "inference.log"))

@@ -80,6 +80,30 @@ PRESETS: dict[str, dict] = {
         "shading_hu": 40.0,
         "permute_every": 4,
     },
+    # Labels are scarce here (the pre-training study): the easy preset's small volumes, but small dim lesions
+    # among many bright vessels of similar density, in strong noise and shading, so that a detector trained on a
+    # handful of volumes confuses vessels, noise and lesions.
+    "scarce": {
+        "num_training": 32,
+        "num_validation": 24,
+        "shape_min": (48, 48, 32),
+        "shape_max": (64, 64, 40),
+        "in_plane_spacing_mm": (1.5, 1.5),
+        "slice_spacing_mm": (2.0, 2.0),
+        "max_lesions": 3,
+        "empty_fraction": 0.1,
+        "lesion_diameter_mm": (6.0, 18.0),
+        "lesion_contrast_hu": (250.0, 450.0),
+        "lesion_in_lung_fraction": 0.9,
+        "lesion_max_tilt_deg": 20.0,
+        "num_vessels": (6, 12),
+        "vessel_radius_mm": (0.8, 2.0),
+        "vessel_contrast_hu": (150.0, 400.0),
+        "noise_hu": 35.0,
+        "noise_correlation_mm": 1.2,
+        "shading_hu": 20.0,
+        "permute_every": 4,
+    },
 }
 
 AIR_HU, TISSUE_HU, LUNG_HU, BONE_HU = -1000.0, 40.0, -800.0, 500.0
@@ -310,7 +334,7 @@ def generate_dataset(output_dir, preset: str = "easy", num_training: int | None 
         output_dir: created if needed. Receives ``imagesTr/<case>_0000.nii.gz`` (int16 HU),
             ``labelsTr/<case>.nii.gz`` (uint8 instance mask), ``labelsTr/<case>.json``,
             ``dataset.json`` (nnDetection style) and ``datalist.json`` (MONAI detection).
-        preset: a key of `PRESETS` ("easy" or "realistic").
+        preset: a key of `PRESETS` ("easy", "realistic" or "scarce").
         num_training, num_validation: case counts (defaults from the preset). Cases
             ``case_0000 ..`` are training, the following ones validation.
         seed: dataset seed; case ``i`` is drawn from ``default_rng((seed, i))``.
