@@ -461,8 +461,21 @@ def inference_config(variant: dict) -> dict:
     return config
 
 
-def multi_gpu_config(variant: dict) -> dict:
-    """Merged over train.json; launched with torchrun. gloo on CPU (tests), nccl on GPUs."""
+DISTRIBUTED_INIT = [
+    VERSION_CHECK,
+    "$import torch.distributed as dist",
+    "$dist.is_initialized() or dist.init_process_group(backend=@dist_backend)",
+    "$monai.utils.set_determinism(seed=@seed)",
+]
+DISTRIBUTED_END = {
+    "run": ["$@train#trainer.run()"],
+    "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
+}
+
+
+def distributed_training_keys() -> dict:
+    """multi_gpu_train.json entries every training bundle shares: the rank's device, the backend (gloo on CPU, nccl
+    on GPUs), the DDP-wrapped network and the training data sharded across ranks."""
     return {
         "device": "$torch.device(('cuda:' + os.environ['LOCAL_RANK']) if torch.cuda.is_available() else 'cpu')",
         "dist_backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
@@ -475,21 +488,21 @@ def multi_gpu_config(variant: dict) -> dict:
                           "shuffle": True},
         "train#dataloader#sampler": "@train#sampler",
         "train#dataloader#shuffle": False,
+    }
+
+
+def multi_gpu_config(variant: dict) -> dict:
+    """Merged over train.json; launched with torchrun. gloo on CPU (tests), nccl on GPUs."""
+    return {
+        **distributed_training_keys(),
         "train#trainer#train_handlers": "$@train#handlers[: -3 if torch.distributed.get_rank() > 0 else None]",
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
                              "even_divisible": False, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",
         "validate#evaluator#val_handlers":
             "$@validate#handlers[: -2 if torch.distributed.get_rank() > 0 else None]",
-        "initialize": [
-            VERSION_CHECK,
-            "$import torch.distributed as dist",
-            "$dist.is_initialized() or dist.init_process_group(backend=@dist_backend)",
-            "$monai.utils.set_determinism(seed=@seed)",
-            PRETRAINED_INIT,
-        ],
-        "run": ["$@train#trainer.run()"],
-        "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
+        "initialize": [*DISTRIBUTED_INIT, PRETRAINED_INIT],
+        **DISTRIBUTED_END,
     }
 
 

@@ -184,28 +184,12 @@ def evaluate_config(variant: dict) -> dict:
 def multi_gpu_config(variant: dict) -> dict:
     """Merged over train.json; launched with torchrun. `batch_size` stays the total across ranks (nnssl's BS8)."""
     return {
-        "device": "$torch.device(('cuda:' + os.environ['LOCAL_RANK']) if torch.cuda.is_available() else 'cpu')",
-        "dist_backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
-        "network": {
-            "_target_": "torch.nn.parallel.DistributedDataParallel",
-            "module": "$@network_def.to(@device)",
-            "device_ids": "$[@device] if torch.cuda.is_available() else None",
-        },
-        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
-                          "shuffle": True},
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
+        **common.distributed_training_keys(),
         "train#dataloader#batch_size": "$max(1, @batch_size // torch.distributed.get_world_size())",
         "train#trainer#train_handlers":
             "$@train#handlers + (@train#rank0_handlers if torch.distributed.get_rank() == 0 else [])",
-        "initialize": [
-            common.VERSION_CHECK,
-            "$import torch.distributed as dist",
-            "$dist.is_initialized() or dist.init_process_group(backend=@dist_backend)",
-            "$monai.utils.set_determinism(seed=@seed)",
-        ],
-        "run": ["$@train#trainer.run()"],
-        "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
+        "initialize": common.DISTRIBUTED_INIT,
+        **common.DISTRIBUTED_END,
     }
 
 
