@@ -98,7 +98,8 @@ def train_config(variant: dict) -> dict:
         "seed": 0,
         "batch_size": recipe["batch_size"],
         "num_workers": 4,
-        "cache_rate": 1.0,
+        # unlabeled corpora rarely fit in memory: volumes are loaded per patch unless a share is cached
+        "cache_rate": 0.0,
         "learning_rate": recipe["learning_rate"],
         "momentum": recipe["momentum"],
         "weight_decay": recipe["weight_decay"],
@@ -256,8 +257,9 @@ DIFFERENCES = {
     "common": [
         "The poly schedule steps every iteration instead of every epoch (the learning rates differ by less than "
         "one epoch's decay).",
-        "Patches are cropped from volumes resampled on the fly by MONAI transforms (cached with `cache_rate`) "
-        "instead of nnssl's preprocessed blosc2 arrays; large corpora want `cache_rate` < 1.",
+        "Patches are cropped from volumes loaded and resampled on the fly by MONAI transforms instead of nnssl's "
+        "preprocessed blosc2 arrays. `cache_rate` (default 0: corpora rarely fit in memory) keeps that share of "
+        "the resampled volumes in memory; raise it as far as memory allows, loading is then done once.",
         "Training augmentation is the crop and mirroring (MAE) or the per-view transforms listed above (SimCLR); "
         "nnssl's spatial augmentation (rotation, scaling) is not applied.",
     ],
