@@ -140,6 +140,25 @@ def test_unlabeled_datalist_ignores_boxes_and_still_checks_images(tmp_path):
         load_datalist(str(path), data_dir, "validation", labels=False)
 
 
+def test_mae_training_patches_drop_labels_and_keep_their_size(tmp_path):
+    from meddet.pretraining import mae_transforms
+
+    data_dir, datalist, _ = easy_dataset_with_plans(str(tmp_path), "retinaunet_resencl_scratch_detection",
+                                                    num_training=1, num_validation=0)
+    item = load_datalist(datalist, data_dir, "training")[0]
+    transform = mae_transforms([32, 32, 24], [1.5, 1.5, 2.0], "zscore", train=True, spatial_augmentation=True)
+    transform.set_random_state(seed=0)
+    patches = [transform(dict(item)) for _ in range(8)]
+    assert all(sorted(p) == ["image"] and p["image"].shape == (1, 32, 32, 24) for p in patches)
+    assert all(torch.isfinite(p["image"]).all() for p in patches)
+    assert not torch.equal(patches[0]["image"], patches[1]["image"])
+    # the full recipe rotates and scales (nnssl's MAE); the 32^3 smoke preset does not
+    with open(os.path.join(bundle_dir(MAE), "configs", "train.json")) as f:
+        assert json.load(f)["spatial_augmentation"] is True
+    with open(os.path.join(bundle_dir(MAE), "configs", "smoke.json")) as f:
+        assert json.load(f)["spatial_augmentation"] is False
+
+
 # ---------------------------------------------------------------------------------------------- bundles
 
 

@@ -39,6 +39,8 @@ def _transforms(variant: dict, train: bool) -> dict:
     }
     if is_contrastive(variant):
         config.update({"crop_size": "@crop_size", "min_overlap": "@min_overlap"})
+    elif train:
+        config["spatial_augmentation"] = "@spatial_augmentation"
     return config
 
 
@@ -243,13 +245,14 @@ def _recipe_text(variant: dict) -> str:
                 f"head on the global average pools of all encoder stages, concatenated, then a 3-layer MLP "
                 f"({settings['hidden_dim']} hidden, {settings['projection_dim']} out) with per-sample normalisation")
     else:
-        task = (f"{'x'.join(map(str, settings['patch_size']))} patches, {settings['mask_ratio']:.0%} of the "
-                f"{settings['mask_block_size']}^3 blocks masked (zeroed), the whole ResEnc U-Net (one decoder conv "
-                "per stage, one output channel) reconstructs the patch, MSE on the masked voxels only")
+        task = (f"{'x'.join(map(str, settings['patch_size']))} patches (rotation up to 30 deg p 0.2, scaling "
+                f"0.7-1.4 p 0.2, mirroring), {settings['mask_ratio']:.0%} of the {settings['mask_block_size']}^3 "
+                "blocks masked (zeroed), the whole ResEnc U-Net (one decoder conv per stage, one output channel) "
+                "reconstructs the patch, MSE on the masked voxels only")
     return (f"{task}. SGD Nesterov, lr {recipe['learning_rate']:g}, momentum {recipe['momentum']}, weight decay "
             f"{recipe['weight_decay']:g}, poly 0.9, {recipe['max_epochs']} epochs x {recipe['epoch_length']} "
             f"iterations, batch {recipe['batch_size']} in total across GPUs, gradient norm clipped at "
-            f"{settings['clip_grad_norm']:g}, AMP on CUDA; {recipe['intensity_normalization']} intensities, "
+            f"{settings['clip_grad_norm']:g}, AMP on CUDA; per-image z-score intensities, "
             f"{'x'.join(f'{s:g}' for s in recipe['spacing'])} mm spacing.")
 
 
@@ -260,10 +263,14 @@ DIFFERENCES = {
         "Patches are cropped from volumes loaded and resampled on the fly by MONAI transforms instead of nnssl's "
         "preprocessed blosc2 arrays. `cache_rate` (default 0: corpora rarely fit in memory) keeps that share of "
         "the resampled volumes in memory; raise it as far as memory allows, loading is then done once.",
-        "Training augmentation is the crop and mirroring (MAE) or the per-view transforms listed above (SimCLR); "
-        "nnssl's spatial augmentation (rotation, scaling) is not applied.",
+    ],
+    "mae": [
+        "Rotation and scaling act on the cropped patch (corners filled with 0, as nnssl fills them) rather than on "
+        "a larger region cropped afterwards. The smoke preset leaves them out (`spatial_augmentation` false).",
     ],
     "simclr": [
+        "The per-view augmentation is MONAI's (mirroring, brightness, shift, contrast, noise, blur as listed); "
+        "nnssl's SimCLR transform draws its own set.",
         "nnssl's projection head normalises with InstanceNorm1d applied to [batch, features]; here the same "
         "per-sample normalisation is written as layer normalisation without affine parameters.",
     ],
@@ -279,7 +286,7 @@ def readme(variant: dict) -> str:
         "any ResEnc detection bundle (`--pretrained_checkpoint PATH`)"
     return f"""# {title(variant)}
 
-`{name}` is a MONAI Bundle of the meddet collection: {spec['method']} ({spec['kind']}) pre-training of the
+`{name}` is a MONAI Bundle of the meddet collection: {spec['method']} pre-training, {spec['kind']}, of the
 detectors' ResEnc-L encoder on your own unlabeled volumes. It writes `models/checkpoint_final.pth` in the released
 nnssl format (`network_weights` + `nnssl_adaptation_plan` whose `arch_kwargs` rebuild the exact network), which
 {consumers} take unchanged as `pretrained_checkpoint`.
@@ -319,7 +326,7 @@ Fine-tune a detector from it:
     python -m monai.bundle run --config_file "['configs/train.json','plans.json']" --pretrained_checkpoint ../{name}/models/checkpoint_final.pth --dataset_dir D --data_list_file_path L2
 
 Add `configs/smoke.json` to any command for the CPU-sized preset: the detectors' smoke encoder (features 8-16-32-32),
-a few minutes on 2 cores; its checkpoint is what the pre-trained detection bundles' smoke presets start from.
+about a minute on 2 cores; its checkpoint is what the pre-trained detection bundles' smoke presets start from.
 `--intensity_normalization ct` with the detection plan file (`tools/plan.py`) listed after the configs
 pre-trains on exactly the intensities the detector will see (the smoke preset does this).
 

@@ -161,8 +161,9 @@ PRETRAINING_METHODS = {
                       "block_size": "@mask_block_size"},
         "transforms": "meddet.pretraining.mae_transforms",
         "settings": {"patch_size": [160, 160, 160], "mask_ratio": 0.75, "mask_block_size": 16, "decoder_convs": 1,
-                     "clip_grad_norm": 12.0},
-        "smoke": {"patch_size": [32, 32, 32], "mask_block_size": 8},
+                     "clip_grad_norm": 12.0, "spatial_augmentation": True},
+        # rotating a 32^3 crop fills a large share of it with zeros: the smoke preset only crops and mirrors
+        "smoke": {"patch_size": [32, 32, 32], "mask_block_size": 8, "spatial_augmentation": False},
     },
     "simclr": {
         "method": "SimCLR",

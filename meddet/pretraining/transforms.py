@@ -21,6 +21,8 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandFlipd,
     RandGaussianNoised,
+    RandRotated,
+    RandZoomd,
     RandGaussianSmoothd,
     RandomizableTransform,
     RandScaleIntensityd,
@@ -52,14 +54,22 @@ def _finish() -> list:
 
 def mae_transforms(patch_size: Sequence[int], spacing: Sequence[float], intensity_normalization: str = "zscore",
                    intensity_clip: Sequence[float] = (-1000.0, 1000.0), intensity_mean: float = 0.0,
-                   intensity_std: float = 1.0, train: bool = True) -> Compose:
-    """One `patch_size` patch per volume: a random crop with mirroring on every axis for training, the centre
-    crop for validation (so the validation loss compares like with like)."""
+                   intensity_std: float = 1.0, train: bool = True, spatial_augmentation: bool = True) -> Compose:
+    """One `patch_size` patch per volume: for training a random crop, then (`spatial_augmentation`, nnssl's MAE
+    recipe) rotation of up to +-30 deg about every axis with probability 0.2 and scaling 0.7-1.4 with probability
+    0.2, filling with 0 as nnssl does, and mirroring on every axis; the centre crop for validation (so the
+    validation loss compares like with like)."""
     patch_size = [int(p) for p in patch_size]
     chain = _loading(patch_size, spacing, intensity_normalization, intensity_clip, intensity_mean, intensity_std)
     if train:
-        chain += [RandSpatialCropd(keys="image", roi_size=patch_size, random_size=False),
-                  *[RandFlipd(keys="image", prob=0.5, spatial_axis=axis) for axis in range(3)]]
+        chain.append(RandSpatialCropd(keys="image", roi_size=patch_size, random_size=False))
+        if spatial_augmentation:
+            angle = np.pi / 6
+            chain += [RandRotated(keys="image", range_x=angle, range_y=angle, range_z=angle, prob=0.2,
+                                  mode="bilinear", padding_mode="zeros", keep_size=True),
+                      RandZoomd(keys="image", prob=0.2, min_zoom=0.7, max_zoom=1.4, mode="trilinear",
+                                padding_mode="constant", keep_size=True)]
+        chain += [RandFlipd(keys="image", prob=0.5, spatial_axis=axis) for axis in range(3)]
     else:
         chain += [CenterSpatialCropd(keys="image", roi_size=patch_size)]
     return Compose(chain + _finish())
