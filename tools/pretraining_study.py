@@ -1,6 +1,8 @@
 """What pre-training buys when labels are scarce, measured with the collection's own bundles.
 
     python tools/pretraining_study.py [--work_dir pretraining_study] [--quick]
+    python tools/pretraining_study.py --work_dir ablation --arms "[scratch,mae]" --budgets "[4]" \
+        --pretrain_overrides "{mae: {mask_block_size: 4}}"          # a variant of the design
 
 1. Data (synthetic `scarce` preset: small dim lesions among bright vessels in strong noise): a labelled pool of
    32 training volumes, a fixed held-out test set of 24, and an unlabeled corpus of 120 volumes drawn with another
@@ -105,7 +107,8 @@ def pretrain(method: str, work_dir: str, data: dict, settings: dict) -> str:
         _workflow(f"resencl_{method}_pretraining", ["train.json", "smoke.json", data["plans"]], root,
                   dataset_dir=data["corpus_dir"], data_list_file_path=data["corpus"],
                   max_epochs=settings["pretrain_epochs"], epoch_length=settings["pretrain_epoch_length"],
-                  batch_size=settings["pretrain_batch_size"], val_interval=max(1, settings["pretrain_epochs"] // 4))
+                  batch_size=settings["pretrain_batch_size"], val_interval=max(1, settings["pretrain_epochs"] // 4),
+                  **settings.get("pretrain_overrides", {}).get(method, {}))
     return checkpoint
 
 
@@ -216,9 +219,19 @@ def plot(rows: list[dict], budgets, path: str, arms=ARMS) -> str:
     return path
 
 
-def study(work_dir: str = "pretraining_study", quick: bool = False, threads: int = 2) -> dict:
+def study(work_dir: str = "pretraining_study", quick: bool = False, threads: int = 2, arms=ARMS, budgets=None,
+          seeds=None, pretrain_epochs: int | None = None, pretrain_overrides: dict | None = None) -> dict:
+    """Run (or continue) the study in `work_dir`. `arms`, `budgets`, `seeds`, `pretrain_epochs` and
+    `pretrain_overrides` ({method: {bundle key: value}}, e.g. {"mae": {"mask_block_size": 4}}) narrow or vary the
+    default design for ablations; use a new `work_dir` for each variant, finished steps are reused."""
     torch.set_num_threads(int(threads))
-    settings = SETTINGS["quick" if quick else "full"]
+    settings = dict(SETTINGS["quick" if quick else "full"])
+    unknown = set(arms) - set(ARMS)
+    if unknown or "scratch" not in arms:
+        raise SystemExit(f"--arms must include scratch and come from {ARMS}; got {list(arms)}")
+    settings.update({key: value for key, value in (("budgets", budgets), ("seeds", seeds),
+                                                    ("pretrain_epochs", pretrain_epochs)) if value is not None})
+    settings["pretrain_overrides"] = pretrain_overrides or {}
     work_dir = os.path.abspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     started = time.time()
@@ -233,12 +246,12 @@ def study(work_dir: str = "pretraining_study", quick: bool = False, threads: int
 
     data = stage("data and plan", make_data, work_dir, settings)
     checkpoints = {method: stage(f"pre-training {method}", pretrain, method, work_dir, data, settings)
-                   for method in ("mae", "simclr")}
+                   for method in arms if method != "scratch"}
     rows = []
     begin = time.time()
     for budget in settings["budgets"]:
         for seed in settings["seeds"]:
-            for arm in ARMS:
+            for arm in arms:
                 rows.append(finetune(arm, budget, seed, work_dir, data, settings, checkpoints))
     stages["fine-tuning and evaluation"] = round(time.time() - begin, 1)
 
@@ -249,23 +262,26 @@ def study(work_dir: str = "pretraining_study", quick: bool = False, threads: int
     wall = time.time() - started
     header = (f"Pre-training study ({'quick' if quick else 'full'}): {settings['corpus']} unlabeled volumes, labelled "
               f"budgets {list(settings['budgets'])}, seeds {list(settings['seeds'])}, test set {settings['test']} "
-              f"volumes; pre-training {settings['pretrain_epochs'] * settings['pretrain_epoch_length']} iterations "
+              + (f"volumes, pre-training overrides {json.dumps(settings['pretrain_overrides'])}; "
+                 if settings["pretrain_overrides"] else "volumes; ")
+              + f"pre-training {settings['pretrain_epochs'] * settings['pretrain_epoch_length']} iterations "
               f"(batch {settings['pretrain_batch_size']}), fine-tuning "
               f"{settings['finetune_epochs'] * settings['finetune_epoch_length']} iterations (batch 4). "
               f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPU cores "
               f"({platform.processor() or platform.machine()}), "
               f"wall time {wall / 60:.1f} min (stages: {json.dumps(stages)}).\n\n")
-    table = header + summarise(rows, settings["budgets"])
+    table = header + summarise(rows, settings["budgets"], arms)
     with open(os.path.join(work_dir, "results.md"), "w") as f:
         f.write(table)
-    plot(rows, settings["budgets"], os.path.join(work_dir, "results.png"))
+    plot(rows, settings["budgets"], os.path.join(work_dir, "results.png"), arms)
     print(table)
     print(f"written: {os.path.join(work_dir, 'results.csv')}, results.md, results.png")
     return {"rows": rows, "wall_seconds": wall, "stages": stages}
 
 
-def main(work_dir: str = "pretraining_study", quick: bool = False, threads: int = 2) -> None:
-    study(work_dir, quick, threads)
+def main(work_dir: str = "pretraining_study", quick: bool = False, threads: int = 2, arms=ARMS, budgets=None,
+         seeds=None, pretrain_epochs: int | None = None, pretrain_overrides: dict | None = None) -> None:
+    study(work_dir, quick, threads, tuple(arms), budgets, seeds, pretrain_epochs, pretrain_overrides)
 
 
 if __name__ == "__main__":
