@@ -330,6 +330,13 @@ about a minute on 2 cores; its checkpoint is what the pre-trained detection bund
 `--intensity_normalization ct` with the detection plan file (`tools/plan.py`) listed after the configs
 pre-trains on exactly the intensities the detector will see (the smoke preset does this).
 
+## What it bought on synthetic data
+
+`tools/pretraining_study.py` pre-trains this bundle's smoke preset on an unlabeled synthetic corpus and fine-tunes
+the Retina U-Net from scratch / MAE / SimCLR at 4, 8 and 32 labelled volumes; its measured table, plot and command
+are in the collection README ("What pre-training buys here"). At that CPU scale (0.11 M-parameter encoder, 1200
+pre-training iterations) pre-training did not reliably help; the full-size recipe above is the paper's.
+
 ## References
 
 - {PAPER}.
