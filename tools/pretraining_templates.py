@@ -186,8 +186,13 @@ def evaluate_config(variant: dict) -> dict:
 
 def multi_gpu_config(variant: dict) -> dict:
     """Merged over train.json; launched with torchrun. `batch_size` stays the total across ranks (nnssl's BS8)."""
+    keys = common.distributed_training_keys()
+    if not is_contrastive(variant):
+        # without deep supervision the U-Net's lower-resolution output heads take no part in the loss, and they
+        # stay in the network so that its state dict is the released ResidualEncoderUNet's
+        keys["network"] = {**keys["network"], "find_unused_parameters": True}
     return {
-        **common.distributed_training_keys(),
+        **keys,
         "train#dataloader#batch_size": "$max(1, @batch_size // torch.distributed.get_world_size())",
         "train#trainer#train_handlers":
             "$@train#handlers + (@train#rank0_handlers if torch.distributed.get_rank() == 0 else [])",
