@@ -55,6 +55,11 @@ def _set_version(bundles_dir: str, name: str, version: str) -> None:
         json.dump(metadata, f, indent=4)
 
 
+def _version(name: str) -> str:
+    with open(os.path.join(REPO, "bundles", name, "configs", "metadata.json")) as f:
+        return json.load(f)["version"]
+
+
 def test_packaging_twice_gives_identical_bytes(tmp_path):
     first = package.package(str(tmp_path / "a"), BASE_URL, index=None)
     second = package.package(str(tmp_path / "b"), BASE_URL, index=None)
@@ -98,7 +103,7 @@ def test_zips_vendor_meddet_and_leave_out_weights_and_outputs(tmp_path):
     with open(os.path.join(folder, "large_files.yml"), "a") as f:  # a large file outside models/
         f.write('  - path: "docs/extra.md"\n    url: "https://example.org/extra.md"\n')
     package.package(str(tmp_path / "dist"), BASE_URL, index=None, bundles_dir=bundles_dir)
-    with zipfile.ZipFile(tmp_path / "dist" / f"{PRETRAINED}_v0.1.0.zip") as archive:
+    with zipfile.ZipFile(tmp_path / "dist" / f"{PRETRAINED}_v{_version(PRETRAINED)}.zip") as archive:
         infos = archive.infolist()
     names = [info.filename for info in infos]
     assert names == sorted(names)
@@ -141,16 +146,17 @@ def test_check_fails_when_a_bundle_changes_without_a_version_bump(tmp_path):
     with open(os.path.join(bundles_dir, SCRATCH, "docs", "README.md"), "a") as f:
         f.write("\nchanged\n")
     problems = package.check_index(index_path, bundles_dir)
-    assert len(problems) == 1 and problems[0].startswith(f"{SCRATCH}: version 0.1.0 changed since it was indexed")
+    current = _version(SCRATCH)
+    assert len(problems) == 1 and problems[0].startswith(f"{SCRATCH}: version {current} changed since it was indexed")
 
     command = [sys.executable, os.path.join(REPO, "tools", "package.py"), "--check", "--index", index_path,
                "--bundles_dir", bundles_dir]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and f"{SCRATCH}: version 0.1.0 changed" in result.stdout
+    assert result.returncode == 1 and f"{SCRATCH}: version {current} changed" in result.stdout
 
-    _set_version(bundles_dir, SCRATCH, "0.1.1")
+    _set_version(bundles_dir, SCRATCH, "0.99.0")
     problems = package.check_index(index_path, bundles_dir)
-    assert problems[0] == (f"{SCRATCH}: version 0.1.1 is not in bundle_index.json; run "
+    assert problems[0] == (f"{SCRATCH}: version 0.99.0 is not in bundle_index.json; run "
                            "`python tools/package.py --out_dir DIR` to package and index it")
 
     package.package(str(tmp_path / "dist"), BASE_URL, index=index_path, bundles_dir=bundles_dir)
@@ -170,7 +176,7 @@ def test_check_fails_when_the_vendored_meddet_changes(tmp_path):
     with open(meddet_dir / "data" / "boxes.py", "a") as f:
         f.write("\n# changed\n")
     assert package.check_index(index_path, bundles_dir, str(meddet_dir))[0].startswith(
-        f"{SCRATCH}: version 0.1.0 changed since it was indexed")
+        f"{SCRATCH}: version {_version(SCRATCH)} changed since it was indexed")
 
 
 def test_committed_index_matches_the_bundles():

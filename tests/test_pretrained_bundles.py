@@ -65,13 +65,22 @@ def test_full_size_released_checkpoint_loads_through_initialize(name, tmp_path):
 
 def test_missing_checkpoint_stops_a_pretrained_bundle_before_training(tmp_path):
     missing = tmp_path / "models" / "checkpoint_final.pth"
-    workflow = _workflow("retinaunet_resencl_voco_detection", tmp_path,
-                         configs=("train.json", "smoke.json"), pretrained_checkpoint=str(missing))
+    # the full-size configuration says how to download the released checkpoint
+    workflow = _workflow("retinaunet_resencl_voco_detection", tmp_path, configs=("train.json", "smoke.json"),
+                         pretrained_checkpoint=str(missing), pretrained_missing_hint="")
     with pytest.raises(Exception) as error:
         workflow.initialize()
     message = error_chain(error.value)
     assert "FileNotFoundError" in message and "download_large_files" in message
     assert "ResEncL-MissingPiece-VoCo" in message
+    assert not os.path.exists(tmp_path / "models" / "checkpoint_latest.pt")
+    # the smoke preset says how to pre-train a smoke-size one instead
+    workflow = _workflow("retinaunet_resencl_voco_detection", tmp_path, configs=("train.json", "smoke.json"),
+                         pretrained_checkpoint=str(missing))
+    with pytest.raises(Exception) as error:
+        workflow.initialize()
+    message = error_chain(error.value)
+    assert "FileNotFoundError" in message and "resencl_simclr_pretraining" in message and str(missing) in message
     assert not os.path.exists(tmp_path / "models" / "checkpoint_latest.pt")
 
 
