@@ -268,6 +268,19 @@ def pretrained_keys(variant: dict) -> dict:
     }
 
 
+# resumable checkpoint of every training bundle (model, optimizer, schedule and the trainer's counters)
+LATEST_CHECKPOINT = {"_target_": "meddet.engines.LatestCheckpoint", "ckpt_dir": "@ckpt_dir",
+                     "interval": "@checkpoint_interval",
+                     "objects": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"}}
+# loss logging of every training bundle, rank 0 only under multi_gpu_train.json
+TRAIN_LOGGING_HANDLERS = [
+    {"_target_": "StatsHandler", "tag_name": "train_loss",
+     "output_transform": "$lambda output: output['loss']", "iteration_log": False},
+    {"_target_": "TensorBoardStatsHandler", "log_dir": "$@output_dir + '/tensorboard'",
+     "tag_name": "train_loss", "output_transform": "$lambda output: output['loss']"},
+    {"_target_": "ignite.handlers.ProgressBar", "persist": False},
+]
+
 PRETRAINED_INIT = ("$meddet.pretrained.initialize_from_pretrained(@network_def, @pretrained_checkpoint, "
                    "in_channels=@in_channels, stem=@pretrained_stem, fetch_hint=@pretrained_url, "
                    "missing_hint=@pretrained_missing_hint)")
@@ -326,14 +339,8 @@ def train_config(variant: dict) -> dict:
                  "interval": "@val_interval"},
                 {"_target_": "meddet.engines.freeze.FreezeEncoder", "network": "@network",
                  "unfreeze_iteration": "@freeze_encoder_iterations"},
-                {"_target_": "meddet.engines.LatestCheckpoint", "ckpt_dir": "@ckpt_dir",
-                 "interval": "@checkpoint_interval",
-                 "objects": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"}},
-                {"_target_": "StatsHandler", "tag_name": "train_loss",
-                 "output_transform": "$lambda output: output['loss']", "iteration_log": False},
-                {"_target_": "TensorBoardStatsHandler", "log_dir": "$@output_dir + '/tensorboard'",
-                 "tag_name": "train_loss", "output_transform": "$lambda output: output['loss']"},
-                {"_target_": "ignite.handlers.ProgressBar", "persist": False},
+                LATEST_CHECKPOINT,
+                *TRAIN_LOGGING_HANDLERS,
             ],
             "trainer": {
                 "_target_": "SupervisedTrainer",

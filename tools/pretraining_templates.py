@@ -121,21 +121,13 @@ def train_config(variant: dict) -> dict:
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
                  "epoch_level": False},
-                {"_target_": "meddet.engines.LatestCheckpoint", "ckpt_dir": "@ckpt_dir",
-                 "interval": "@checkpoint_interval",
-                 "objects": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"}},
+                common.LATEST_CHECKPOINT,
                 # both write on rank 0 only
                 "@validate#validation",
                 "@checkpoint_writer",
             ],
             # logging on rank 0 only (multi_gpu_train.json leaves these out on the other ranks)
-            "rank0_handlers": [
-                {"_target_": "StatsHandler", "tag_name": "train_loss",
-                 "output_transform": "$lambda output: output['loss']", "iteration_log": False},
-                {"_target_": "TensorBoardStatsHandler", "log_dir": "$@output_dir + '/tensorboard'",
-                 "tag_name": "train_loss", "output_transform": "$lambda output: output['loss']"},
-                {"_target_": "ignite.handlers.ProgressBar", "persist": False},
-            ],
+            "rank0_handlers": common.TRAIN_LOGGING_HANDLERS,
             "trainer": {
                 "_target_": "SupervisedTrainer",
                 "device": "@device",
