@@ -122,18 +122,24 @@ def detector_keys(variant: dict) -> dict:
     }
 
 
+# where a bundle reads and writes, and on what device: the same keys in every bundle of the collection
+WORKFLOW_KEYS = {
+    "bundle_root": ".",
+    "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+    "amp": "$torch.cuda.is_available()",
+    "dataset_dir": "/workspace/data",
+    "data_list_file_path": "$@dataset_dir + '/datalist.json'",
+    "output_dir": "$@bundle_root + '/eval'",
+    "ckpt_dir": "$@bundle_root + '/models'",
+}
+
+
 def common_keys(variant: dict) -> dict:
     """Top-level keys shared by train.json and inference.json: paths, data geometry, network, detector."""
     network = family(variant)["network"]
     keys = {
         "imports": IMPORTS,
-        "bundle_root": ".",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "amp": "$torch.cuda.is_available()",
-        "dataset_dir": "/workspace/data",
-        "data_list_file_path": "$@dataset_dir + '/datalist.json'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "ckpt_dir": "$@bundle_root + '/models'",
+        **WORKFLOW_KEYS,
         "num_classes": 1,
         "class_names": ["lesion"],
         "in_channels": 1,

@@ -72,13 +72,7 @@ def train_config(variant: dict) -> dict:
     recipe = PRETRAINING_RECIPE
     return {
         "imports": IMPORTS,
-        "bundle_root": ".",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "amp": "$torch.cuda.is_available()",
-        "dataset_dir": "/workspace/data",
-        "data_list_file_path": "$@dataset_dir + '/datalist.json'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "ckpt_dir": "$@bundle_root + '/models'",
+        **common.WORKFLOW_KEYS,
         "in_channels": 1,
         "spacing": recipe["spacing"],
         # "zscore": each image by its own mean/std (nnssl); "ct": clip + z-score with the planned values below,
