@@ -22,10 +22,10 @@ import json
 import math
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from meddet.data.boxes import boxes_world_to_voxel
+from meddet.data.image_io import has_non_finite, image_exists, read_header, read_image_geometry
 
 __all__ = ["DatalistError", "load_datalist", "read_image_geometry", "write_datalist"]
 
@@ -40,77 +40,15 @@ class DatalistError(ValueError):
     """A datalist that cannot be trained on; the message lists every problem found."""
 
 
-def _is_nifti(path) -> bool:
-    name = str(path).lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
-
-
-def _itk_header(path) -> tuple[tuple[int, ...], np.ndarray]:
-    """(shape in index order x, y, z[, components], RAS affine) of an ITK-readable file, header only."""
-    import itk
-
-    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
-    if io is None:
-        raise OSError(f"no reader (nibabel or ITK) for {path}")
-    io.SetFileName(str(path))
-    io.ReadImageInformation()
-    ndim = io.GetNumberOfDimensions()
-    shape = tuple(int(io.GetDimensions(i)) for i in range(ndim))
-    if io.GetNumberOfComponents() > 1:
-        shape = shape + (int(io.GetNumberOfComponents()),)
-    rank = min(ndim, 3)
-    affine = np.eye(4)
-    for i in range(rank):
-        # GetDirection(i) is the world direction of index axis i (a column of ITK's direction matrix)
-        affine[:rank, i] = np.asarray(io.GetDirection(i))[:rank] * io.GetSpacing(i)
-        affine[i, 3] = io.GetOrigin(i)
-    affine[:2] *= -1  # LPS -> RAS, as MONAI's ITKReader(affine_lps_to_ras=True)
-    return shape, affine
-
-
-def _read_header(path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Full array shape (spatial first, channels last as stored) and the 4x4 voxel-to-world affine."""
-    if _is_nifti(path):
-        image = nib.load(str(path))
-        return tuple(int(s) for s in image.shape), np.array(image.affine, dtype=np.float64)
-    return _itk_header(path)
-
-
-def read_image_geometry(path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Spatial shape (first three array axes) and 4x4 voxel-to-world affine of an image file.
-
-    Reads the header only. NIfTI (``.nii``, ``.nii.gz``) through nibabel (``image.affine``, i.e. the
-    sform or qform as nibabel picks, the affine MONAI's NibabelReader uses); other formats (mhd, nrrd,
-    ...) through ITK with the LPS geometry converted to RAS as MONAI's ITKReader does.
-    """
-    shape, affine = _read_header(path)
-    return shape[:3], affine
-
-
-def _has_non_finite(path) -> bool:
-    if _is_nifti(path):
-        image = nib.load(str(path))
-        slope, inter = image.header.get_slope_inter()
-        scaling_finite = all(v is None or math.isfinite(v) for v in (slope, inter))
-        if image.header.get_data_dtype().kind in "iub" and scaling_finite:
-            return False  # integer voxels with finite scaling cannot be NaN/Inf: skip reading the data
-        data = np.asanyarray(image.dataobj)
-    else:
-        import itk
-
-        data = itk.array_view_from_image(itk.imread(str(path)))
-    return data.dtype.kind in "fc" and not bool(np.isfinite(data).all())
-
-
 def _check_image(paths: list[Path]) -> tuple[list[str], tuple | None, np.ndarray | None]:
     """Problems of the image file(s) of one item, plus the spatial shape and affine when readable."""
     problems, geometries = [], []
     for path in paths:
-        if not path.is_file():
+        if not image_exists(path):
             problems.append(f"image file not found: {path}")
             continue
         try:
-            shape, affine = _read_header(path)
+            shape, affine = read_header(path)
         except Exception as error:  # any reader failure means the file is unusable
             problems.append(f"cannot read image {path}: {error}")
             continue
@@ -125,7 +63,7 @@ def _check_image(paths: list[Path]) -> tuple[list[str], tuple | None, np.ndarray
             problems.append(f"image {path} has spatial shape {shape[:3]}: a 2D slice, not a 3D volume")
             continue
         try:
-            if _has_non_finite(path):
+            if has_non_finite(path):
                 problems.append(f"image {path} contains NaN or Inf values")
         except Exception as error:
             problems.append(f"cannot read the voxel data of image {path}: {error}")
