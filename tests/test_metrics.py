@@ -164,8 +164,11 @@ def test_froc_hand_example_nndetection_convention():
     assert result["froc_sensitivities"] == pytest.approx(expected, abs=1e-9)
     assert result["froc_score"] == pytest.approx(3.7 / 7, abs=1e-9)
     assert result["froc_fp_rates"] == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
-    assert result["curve_fps_per_scan"] == pytest.approx([0, 0.25, 0.5, 0.75, 0.75, 0.75, 1, 1, 1.25, 1.5])
-    assert result["curve_sensitivity"] == pytest.approx([0, 0.2, 0.2, 0.2, 0.4, 0.6, 0.6, 0.8, 0.8, 0.8])
+    # the curve keeps the corners only (collinear points dropped, as the LUNA16 script's roc_curve):
+    # (0.5, 0.2) lies between (0.25, 0.2) and (0.75, 0.2), (0.75, 0.4) on the vertical run, (1.25, 0.8)
+    # between (1, 0.8) and (1.5, 0.8)
+    assert result["curve_fps_per_scan"] == pytest.approx([0, 0.25, 0.75, 0.75, 1, 1, 1.5])
+    assert result["curve_sensitivity"] == pytest.approx([0, 0.2, 0.2, 0.6, 0.6, 0.8, 0.8])
     assert (result["num_images"], result["num_gt"], result["num_tp"], result["num_fp"]) == (4, 5, 4, 6)
 
 
@@ -239,8 +242,8 @@ def test_center_distance_criterion():
     # points (0,0) (0,0.5) (1,0.5): sensitivity 0.5 at every rate
     assert by_centre["froc_sensitivities"] == pytest.approx([0.5] * 7)
 
-    counted = froc(preds, gts, criterion="center_distance", duplicate_hits="false_positive")
-    assert (counted["num_tp"], counted["num_fp"]) == (1, 2)
+    with pytest.raises(ValueError, match="LUNA16 rules"):
+        froc(preds, gts, criterion="center_distance", duplicate_hits="false_positive")
     with pytest.raises(ValueError, match="criterion"):
         froc(preds, gts, criterion="distance")
 
@@ -384,3 +387,27 @@ def test_ignite_metric_rejects_bad_output():
     DetectionMAP().attach(engine, "map")
     with pytest.raises(ValueError, match="engine output"):
         engine.run([0], max_epochs=1)
+
+
+def test_detections_on_ignore_regions_count_neither_way(tmp_path):
+    # one scan: the only object found at 0.5; a detection at 0.9 on an ignore region, one at 0.3 elsewhere
+    preds = [{"box": [cube(100), cube(0), cube(200)], "label": [0, 0, 0], "label_scores": [0.9, 0.5, 0.3]}]
+    plain = [{"box": [cube(0)], "label": [0]}]
+    ignoring = [{"box": [cube(0)], "label": [0], "ignore_box": [cube(101)]}]
+
+    froc_plain, froc_ignoring = froc(preds, plain), froc(preds, ignoring)
+    assert (froc_plain["num_fp"], froc_ignoring["num_fp"]) == (2, 1)
+    # without the region the object comes after one FP (sensitivity 1 from 1 FP/scan on), with it first
+    assert froc_plain["froc_sensitivities"][0] < 1.0 and froc_ignoring["froc_sensitivities"] == [1.0] * 7
+    by_centre = froc(preds, ignoring, criterion="center_distance")
+    assert (by_centre["num_tp"], by_centre["num_fp"]) == (1, 1)
+
+    coco_plain = coco_metrics(preds, plain, ["lesion"])
+    coco_ignoring = coco_metrics(preds, ignoring, ["lesion"])
+    key = "AP_IoU_0.10_MaxDet_100"
+    assert coco_plain[key] < 0.9 and coco_ignoring[key] == pytest.approx(1.0)
+
+    evaluate_detections(preds, ignoring, ["lesion"], tmp_path, box_mode="xyzxyz")
+    with open(tmp_path / "per_case.csv") as f:
+        row = next(csv.DictReader(f))
+    assert (row["tp_iou0.1"], row["fp_iou0.1"], row["fn_iou0.1"]) == ("1", "1", "0")

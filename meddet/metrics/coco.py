@@ -27,7 +27,7 @@ from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou, convert_box_mode
 
-__all__ = ["coco_metrics", "detections_to_numpy"]
+__all__ = ["coco_metrics", "detections_to_numpy", "ignore_regions"]
 
 
 def _numpy(value) -> np.ndarray:
@@ -89,6 +89,19 @@ def detections_to_numpy(
     return converted
 
 
+def ignore_regions(ground_truths: Sequence[dict], box_mode: str = "xyzxyz") -> list[np.ndarray]:
+    """Per scan, the ``"ignore_box"`` entries of the ground-truth dicts as `xyzxyz` [I, 6] (empty if absent)."""
+    regions = []
+    for index, item in enumerate(ground_truths):
+        raw = item.get("ignore_box") if isinstance(item, dict) else None
+        boxes = np.asarray(raw if raw is not None and len(raw) else np.zeros((0, 6)), dtype=np.float64).reshape(-1, 6)
+        if len(boxes):
+            boxes = detections_to_numpy([{"box": boxes, "label": np.zeros(len(boxes))}],
+                                        f"ground truth {index} ignore region", box_mode)[0]["box"]
+        regions.append(boxes)
+    return regions
+
+
 def _check_aligned(predictions: Sequence, ground_truths: Sequence, num_classes: int, preds, gts) -> None:
     if len(predictions) != len(ground_truths):
         raise ValueError(
@@ -117,7 +130,8 @@ def coco_metrics(
 
     Args:
         predictions: per-image dicts ``"box"`` [N, 6], ``"label"`` [N], ``"label_scores"`` [N].
-        ground_truths: per-image dicts ``"box"`` [G, 6], ``"label"`` [G], aligned with ``predictions``.
+        ground_truths: per-image dicts ``"box"`` [G, 6], ``"label"`` [G], optionally ``"ignore_box"`` [I, 6]
+            (class-agnostic ignore regions, same mode), aligned with ``predictions``.
         class_names: one name per class id; names prefix the per-class keys.
         box_mode: mode of all boxes (``"xyzxyz"`` voxel corners or ``"cccwhd"`` centre/size, any frame:
             IoU is computed in that frame).
@@ -136,14 +150,23 @@ def coco_metrics(
     metric = COCOMetric(
         classes=list(class_names), iou_list=iou_list, iou_range=iou_range, max_detection=max_detection, verbose=False
     )
+    # ignore regions enter as ignored ground truths of every class (COCO's crowd rule): a detection matching
+    # one is neither a true nor a false positive
+    gt_boxes, gt_classes, gt_ignore = [], [], []
+    classes = np.arange(len(class_names))
+    for g, ignore in zip(gts, ignore_regions(ground_truths, box_mode)):
+        gt_boxes.append(np.concatenate([g["box"], np.tile(ignore, (len(classes), 1))]))
+        gt_classes.append(np.concatenate([g["label"], np.repeat(classes, len(ignore))]))
+        gt_ignore.append(np.r_[np.zeros(len(g["label"]), dtype=bool), np.ones(len(classes) * len(ignore), dtype=bool)])
     matches = matching_batch(
         iou_fn=box_iou,
         iou_thresholds=metric.iou_thresholds,
         pred_boxes=[p["box"] for p in preds],
         pred_classes=[p["label"] for p in preds],
         pred_scores=[p["label_scores"] for p in preds],
-        gt_boxes=[g["box"] for g in gts],
-        gt_classes=[g["label"] for g in gts],
+        gt_boxes=gt_boxes,
+        gt_classes=gt_classes,
+        gt_ignore=gt_ignore,
         max_detections=max(max_detection),
     )
     values, _ = metric(matches)

@@ -16,6 +16,11 @@ default threshold the columns are:
 - ``mean_best_iou_gt``: mean over the ground truths of their best IoU with a detection of the same class
   (0 for a missed one; empty without ground truth).
 
+Ground truths may carry ``ignore_box`` regions (detections there count neither way, in the COCO metrics, the
+FROC and ``per_case.csv``) and ``diameter_mm``: then ``metrics.json`` also holds the LUNA16 CPM by the
+challenge's rules (``luna16_cpm``, ``luna16_cpm_ci``: 95 % bootstrap interval over scans,
+``luna16_sensitivities`` at 1/8 ... 8 FP per scan; see `meddet.metrics.cpm`) and ``luna16_froc.png`` its curve.
+
 ``froc.png`` plots sensitivity against false positives per scan (log2 axis) as the score reads it, with the
 operating points at the FROC rates marked.
 """
@@ -33,18 +38,21 @@ from monai.data import load_decathlon_datalist
 from monai.data.box_utils import box_iou
 
 from meddet.metrics.coco import coco_metrics, detections_to_numpy
-from meddet.metrics.froc import FROC_FP_RATES, TRUE_POSITIVE, froc, match_detections
+from meddet.metrics.coco import ignore_regions
+from meddet.metrics.cpm import cpm_from_detections
+from meddet.metrics.froc import FROC_FP_RATES, FALSE_POSITIVE, TRUE_POSITIVE, froc, match_detections
+from meddet.metrics.froc_plot import save_froc_png
 
 __all__ = ["evaluate_detections", "evaluate_files"]
 
 
-def _per_case_rows(preds, gts, image_names, iou_thresh: float, score_thresh: float) -> list[dict]:
+def _per_case_rows(preds, gts, ignores, image_names, iou_thresh: float, score_thresh: float) -> list[dict]:
     tag = f"iou{iou_thresh:g}"
     rows = []
-    for name, pred, gt in zip(image_names, preds, gts):
+    for name, pred, gt, ignore in zip(image_names, preds, gts, ignores):
         status, _ = match_detections(
             pred["box"], pred["label"], pred["label_scores"], gt["box"], gt["label"], "iou", iou_thresh,
-            "false_positive",
+            "false_positive", ignore,
         )
         confident = pred["label_scores"] >= score_thresh
         num_gt, num_pred = len(gt["label"]), len(pred["label"])
@@ -63,10 +71,10 @@ def _per_case_rows(preds, gts, image_names, iou_thresh: float, score_thresh: flo
                 "num_gt": num_gt,
                 "num_pred": num_pred,
                 f"tp_{tag}": tp,
-                f"fp_{tag}": num_pred - tp,
+                f"fp_{tag}": int(np.sum(status == FALSE_POSITIVE)),
                 f"fn_{tag}": num_gt - tp,
                 f"tp_{tag}_score{score_thresh:g}": tp_confident,
-                f"fp_{tag}_score{score_thresh:g}": int(np.sum(confident)) - tp_confident,
+                f"fp_{tag}_score{score_thresh:g}": int(np.sum(status[confident] == FALSE_POSITIVE)),
                 f"fn_{tag}_score{score_thresh:g}": num_gt - tp_confident,
                 "max_score": float(pred["label_scores"].max()) if num_pred else "",
                 "mean_best_iou_gt": best_iou,
@@ -76,35 +84,10 @@ def _per_case_rows(preds, gts, image_names, iou_thresh: float, score_thresh: flo
 
 
 def _plot_froc(result: dict, path: Path) -> None:
-    # a bare Figure with the Agg canvas: no pyplot state, no global backend switch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rates = np.asarray(result["froc_fp_rates"], dtype=np.float64)
-    low, high = rates.min() / 2, rates.max() * 2
-    xs = np.geomspace(low, high, 400)
-    ys = np.interp(xs, result["curve_fps_per_scan"], result["curve_sensitivity"])
-
-    figure = Figure(figsize=(6, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    axes.plot(xs, ys, "-", color="tab:blue", label="FROC")
-    axes.plot(rates, result["froc_sensitivities"], "o", color="tab:red", label="operating points")
-    axes.set_xscale("log", base=2)
-    axes.set_xlim(low, high)
-    axes.set_xticks(rates)
-    axes.set_xticklabels([f"{r:g}" for r in rates])
-    axes.set_ylim(0, 1.02)
-    axes.set_xlabel("false positives per scan")
-    axes.set_ylabel("sensitivity")
-    axes.grid(True, alpha=0.4)
-    axes.legend(loc="lower right")
-    axes.set_title(
-        f"FROC ({result['froc_criterion']}) score {result['froc_score']:.3f}: "
-        f"{result['num_images']} scans, {result['num_gt']} objects"
-    )
-    figure.tight_layout()
-    figure.savefig(path)
+    save_froc_png(path, result["curve_fps_per_scan"], result["curve_sensitivity"], result["froc_fp_rates"],
+                  result["froc_sensitivities"],
+                  f"FROC ({result['froc_criterion']}) score {result['froc_score']:.3f}: "
+                  f"{result['num_images']} scans, {result['num_gt']} objects")
 
 
 def evaluate_detections(
@@ -163,10 +146,19 @@ def evaluate_detections(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if box_mode == "cccwhd" and any("diameter_mm" in g for g in ground_truths):
+        cpm = cpm_from_detections(predictions, ground_truths)
+        metrics.update(luna16_cpm=cpm["cpm"], luna16_cpm_ci=cpm["cpm_ci"], luna16_sensitivities=cpm["sensitivities"])
+        low, high = cpm["cpm_ci"]
+        save_froc_png(output_dir / "luna16_froc.png", cpm["curve_fps_per_scan"], cpm["curve_sensitivity"],
+                      cpm["fp_rates"], cpm["sensitivities"],
+                      f"LUNA16 rules: CPM {cpm['cpm']:.3f} ({low:.3f}-{high:.3f}), {cpm['num_scans']} scans, "
+                      f"{cpm['num_nodules']} nodules", intervals=cpm["sensitivities_ci"])
     with open(output_dir / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
 
-    rows = _per_case_rows(preds, gts, list(image_names), iou_thresh, score_thresh)
+    rows = _per_case_rows(preds, gts, ignore_regions(ground_truths, box_mode), list(image_names), iou_thresh,
+                          score_thresh)
     with open(output_dir / "per_case.csv", "w", newline="") as f:
         fields = list(rows[0]) if rows else ["image", "num_gt", "num_pred"]
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -252,7 +244,12 @@ def evaluate_files(
         predictions.append(
             {key: np.asarray(entry[key], dtype=np.float64) for key in ("box", "label", "label_scores")}
         )
-        ground_truths.append({"box": np.asarray(item["box"], dtype=np.float64), "label": np.asarray(item["label"])})
+        truth = {"box": np.asarray(item["box"], dtype=np.float64).reshape(-1, 6), "label": np.asarray(item["label"])}
+        if item.get("ignore_box"):
+            truth["ignore_box"] = np.asarray(item["ignore_box"], dtype=np.float64).reshape(-1, 6)
+        if "diameter_mm" in item:
+            truth["diameter_mm"] = np.asarray(item["diameter_mm"], dtype=np.float64).reshape(-1)
+        ground_truths.append(truth)
         names.append(image)
 
     return evaluate_detections(
