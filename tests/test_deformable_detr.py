@@ -289,3 +289,17 @@ def test_plan_num_queries():
         plan_num_queries([])
     with pytest.raises(ValueError, match=">= 0"):
         plan_num_queries([1, -1])
+
+
+def test_queries_in_an_ignore_region_are_not_taught_no_object():
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.2, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])[None]
+    detector = DeformableDETRDetector(ScriptedSetNetwork(boxes, torch.tensor([[[2.0], [2.0]]]))).train()
+    empty = {"box": torch.zeros(0, 6), "label": torch.zeros(0, dtype=torch.long)}
+    around_second = {"box": torch.tensor([[0.0, 0.0, 0.0, 6.0, 6.0, 6.0]]), "label": torch.tensor([-1])}
+    around_both = {"box": torch.tensor([[0.0, 0.0, 0.0, 32.0, 32.0, 32.0]]), "label": torch.tensor([-1])}
+    image = torch.zeros(1, 1, 32, 32, 32)
+    plain = detector(image, [empty])["classification"]
+    one = detector(image, [around_second])["classification"]
+    both = detector(image, [around_both])["classification"]
+    # both queries are equally confident false positives: ignoring one halves the loss, ignoring both zeroes it
+    assert plain > 0 and one.item() == pytest.approx(plain.item() / 2, rel=1e-6) and both.item() == 0.0

@@ -380,3 +380,23 @@ def test_full_size_detector_returns_boxes_and_scores_at_64():
     assert detections["box"].shape[1] == 6 and len(detections["box"]) == len(detections["label_scores"]) > 0
     assert torch.all(detections["box"][:, 3:] > detections["box"][:, :3])
     assert torch.all((detections["label_scores"] >= 0) & (detections["label_scores"] <= 1))
+
+
+@pytest.mark.parametrize("cls_loss", ["focal", "bce_hnm"])
+def test_anchors_in_an_ignore_region_take_no_classification_loss(anchor_shapes, cls_loss):
+    torch.manual_seed(0)
+    detector = RetinaUNetDetector(TinyRetinaNet(len(anchor_shapes)), anchor_shapes, cls_loss=cls_loss).train()
+    images = _patch_with_box()
+    negative = detector(images, _targets(empty=(0,)))
+    # an ignore region (label -1) around the whole patch: no anchor is background any more
+    whole = {"box": torch.tensor([[-64.0, -64.0, -64.0, 96.0, 96.0, 96.0]]), "label": torch.tensor([-1])}
+    ignored = detector(images, [whole])
+    assert negative["classification"] > 0
+    assert ignored["classification"].item() == 0.0
+    # beside an object, the object's anchors still count, and the result differs from "no ignore region"
+    with_object = {"box": torch.cat([BOX, torch.tensor([[0.0, 0.0, 24.0, 8.0, 8.0, 32.0]])]),
+                   "label": torch.tensor([0, -1])}
+    plain = detector(images, _targets())
+    partly = detector(images, [with_object])
+    assert partly["classification"] > 0 and partly["box_regression"] == plain["box_regression"]
+    assert partly["classification"] != plain["classification"]

@@ -136,3 +136,25 @@ def test_rotation_leaves_unrotated_boxes_exactly_alone():
     box = torch.tensor([[3.2, 4.7, 5.1, 12.8, 11.3, 9.9]])
     out = RandRotateBoxd(prob=0.0)({"image": torch.zeros(1, 16, 16, 16), "box": box})
     assert torch.equal(out["box"], box)
+
+
+def test_ignore_regions_travel_with_the_patch_but_are_never_its_object(tmp_path):
+    # the object in one corner, an ignore region (an excluded finding) in the opposite one
+    world_box = _write_case(tmp_path / "case.nii.gz", ((2, 7), (2, 7), (1, 4)))
+    ignore = boxes_voxel_to_world(np.array([[30.0, 26.0, 14.0, 38.0, 34.0, 19.0]]), AFFINE)
+    item = {"image": str(tmp_path / "case.nii.gz"), "box": world_box.astype(np.float32), "label": np.array([0]),
+            "ignore_box": ignore.astype(np.float32), "diameter_mm": [6.0]}
+    chain = training_transforms(patch_size=(16, 16, 8), spacing=(0.9, 0.7, 2.5), num_samples=12,
+                                foreground_ratio=1.0, augment=True, **NORMALISATION)
+    chain.set_random_state(0)
+    for patch in chain(item):
+        labels = patch["label"].tolist()
+        assert 0 in labels  # every positive patch holds the object, never only the ignore region
+        assert set(labels) <= {0, -1} and patch["box"].shape == (len(labels), 6)
+        assert "ignore_box" not in patch and "diameter_mm" not in patch
+    # negative patches may hold the ignore region, which keeps its label -1 and its place
+    chain = training_transforms(patch_size=(16, 16, 8), spacing=(0.9, 0.7, 2.5), num_samples=24,
+                                foreground_ratio=0.0, augment=False, **NORMALISATION)
+    chain.set_random_state(1)
+    seen = [patch for patch in chain(item) if -1 in patch["label"].tolist()]
+    assert seen and all(0 not in patch["label"].tolist() for patch in chain(item))

@@ -12,12 +12,18 @@ Conventions used across meddet:
   (exact for flips and permutations, the standard choice for oblique grids).
 
 Both functions accept numpy arrays or torch tensors of shape (N, 6) and return the same type.
+
+Ignore regions (a datalist's ``ignore_box``) travel through the training transforms inside ``box`` with the
+label `IGNORE_LABEL`, so every crop, flip, zoom and rotation moves them with the objects.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+#: label of an ignore region among a training sample's boxes (no class has it)
+IGNORE_LABEL = -1
 
 
 def _to_numpy(x):

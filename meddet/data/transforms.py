@@ -42,7 +42,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from meddet.data.boxes import boxes_voxel_to_world, boxes_world_to_voxel
+from meddet.data.boxes import IGNORE_LABEL, boxes_voxel_to_world, boxes_world_to_voxel
 from meddet.data.score_filter import SelectDetectionsByScored
 
 # Orientationd warns in MONAI 1.6 unless the axis labels are explicit (the default changes later).
@@ -84,6 +84,44 @@ class BoxesWorldToVoxeld(MapTransform):
                 boxes = boxes_world_to_voxel(boxes, affine)
             d[key] = torch.as_tensor(boxes, dtype=torch.float32)
         return d
+
+
+class MergeIgnoreBoxesd(MapTransform):
+    """Append a sample's ``ignore_box`` regions (world `cccwhd`) to its ``box`` with the label `IGNORE_LABEL`
+    and drop the ``ignore_box`` entry, so that the box-aware transforms carry them along."""
+
+    def __init__(self, box_key: str = "box", label_key: str = "label", ignore_key: str = "ignore_box"):
+        super().__init__([box_key, label_key], allow_missing_keys=True)
+        self.box_key, self.label_key, self.ignore_key = box_key, label_key, ignore_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        ignore = d.pop(self.ignore_key, None)
+        if ignore is None or len(ignore) == 0:
+            return d
+        ignore = np.asarray(ignore, dtype=np.float32).reshape(-1, 6)
+        boxes = np.asarray(d.get(self.box_key, np.zeros((0, 6))), dtype=np.float32).reshape(-1, 6)
+        labels = np.asarray(d.get(self.label_key, np.zeros(0)), dtype=np.int64).reshape(-1)
+        d[self.box_key] = np.concatenate([boxes, ignore])
+        d[self.label_key] = np.concatenate([labels, np.full(len(ignore), IGNORE_LABEL, dtype=np.int64)])
+        return d
+
+
+class RandCropTargetBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
+    """MONAI's positive/negative box-aware crop, with positive patches drawn around objects only: ignore regions
+    (label `IGNORE_LABEL`) are cropped along with the objects but never chosen as a patch's object (a negative
+    patch may hold one; the detectors take no loss there)."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
+        labels = torch.as_tensor(np.asarray(data[self.label_keys[0]])).reshape(-1)
+        self._targets = (labels != IGNORE_LABEL).numpy()
+        return super().__call__(data)
+
+    def generate_fg_center_boxes_np(self, boxes, image_size: Sequence[int]) -> np.ndarray:
+        targets = getattr(self, "_targets", None)
+        if targets is not None and len(targets) == len(boxes):
+            boxes = boxes[torch.as_tensor(targets) if isinstance(boxes, torch.Tensor) else targets]
+        return super().generate_fg_center_boxes_np(boxes, image_size)
 
 
 def _labels_as_long(keys: KeysCollection) -> EnsureTyped:
@@ -166,10 +204,11 @@ def training_transforms(
     # Padding updates the image affine, so boxes are converted to voxels after it.
     chain = loading_transforms(spacing, intensity_clip, intensity_mean, intensity_std, with_boxes=False)
     chain += [
+        MergeIgnoreBoxesd(),
         SpatialPadd(keys="image", spatial_size=patch_size, mode="constant",
                     value=float((intensity_clip[0] - intensity_mean) / intensity_std)),
         *_boxes_to_voxel(affine_lps_to_ras),
-        RandCropBoxByPosNegLabeld(
+        RandCropTargetBoxByPosNegLabeld(
             image_keys="image",
             box_keys="box",
             label_keys="label",
@@ -186,7 +225,7 @@ def training_transforms(
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         EnsureTyped(keys="box", dtype=torch.float32, track_meta=False),
         _labels_as_long("label"),
-        DeleteItemsd(keys=["image_meta_dict", "image_transforms"]),
+        DeleteItemsd(keys=["image_meta_dict", "image_transforms", "diameter_mm"]),
     ]
     return Compose(chain)
 

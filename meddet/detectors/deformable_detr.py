@@ -23,7 +23,7 @@ from torch import nn
 
 from meddet.detectors.losses import sigmoid_focal_loss
 from meddet.detectors.matching import cccwhd_to_xyzxyz, hungarian_match, match_cost
-from meddet.detectors.dispatch import as_batch, check_targets, detector_forward
+from meddet.detectors.dispatch import as_batch, centres_inside, check_targets, detector_forward
 
 MIN_QUERIES = 12
 
@@ -139,15 +139,16 @@ class DeformableDETRDetector(nn.Module):
 
     # ------------------------------------------------------------------ training
     def _normalised_targets(self, targets: Sequence[dict], batch: int, image_size, device):
-        """Per image (labels [N], normalised cccwhd boxes [N, 6]) after clipping to the patch."""
+        """Per image (labels [N], normalised cccwhd boxes [N, 6], ignore regions [I, 6] normalised `xyzxyz`)
+        after clipping to the patch."""
         size = torch.as_tensor(image_size, dtype=torch.float32, device=device)
         normalised = []
-        for boxes, labels in check_targets(targets, batch, self.num_classes, device):
+        for boxes, labels, ignore_boxes in check_targets(targets, batch, self.num_classes, device):
             if len(boxes):
                 boxes, keep = clip_boxes_to_image(boxes, tuple(image_size), remove_empty=True)
                 labels = labels[keep]
             centred = convert_box_mode(boxes, src_mode="xyzxyz", dst_mode="cccwhd") / torch.cat([size, size])
-            normalised.append((labels, centred))
+            normalised.append((labels, centred, ignore_boxes / torch.cat([size, size])))
         return normalised
 
     def compute_losses(self, images: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -158,7 +159,7 @@ class DeformableDETRDetector(nn.Module):
                 raise KeyError(f"network output has no {key!r} entry (keys: {sorted(outputs)})")
         image_size = tuple(int(s) for s in images.shape[2:])
         checked = self._normalised_targets(targets, images.shape[0], image_size, images.device)
-        num_boxes = _num_boxes_across_ranks(sum(len(labels) for labels, _ in checked), images.device)
+        num_boxes = _num_boxes_across_ranks(sum(len(labels) for labels, _, _ in checked), images.device)
 
         cls, l1, giou = self._set_losses(outputs, checked, num_boxes, image_size)
         losses = {"classification": cls, "box_l1": l1, "box_giou": giou}
@@ -168,7 +169,7 @@ class DeformableDETRDetector(nn.Module):
             torch.zeros((), device=images.device),
         )
         if outputs.get("enc_outputs") is not None:
-            agnostic = [(torch.zeros_like(labels), boxes) for labels, boxes in checked]
+            agnostic = [(torch.zeros_like(labels), boxes, ignore) for labels, boxes, ignore in checked]
             losses["aux_encoder"] = self._weighted(
                 *self._set_losses(outputs["enc_outputs"], agnostic, num_boxes, image_size)
             )
@@ -185,8 +186,11 @@ class DeformableDETRDetector(nn.Module):
         logits = prediction["pred_logits"].float()  # [B, Q, K]
         boxes = prediction["pred_boxes"].float()  # [B, Q, 6]
         class_targets = torch.zeros_like(logits)
+        weights = torch.ones_like(logits[..., :1])
         matched_pred, matched_gt = [], []
-        for image_index, (labels, gt_boxes) in enumerate(targets):
+        for image_index, (labels, gt_boxes, ignore_boxes) in enumerate(targets):
+            # queries left unmatched whose box centre lies in an ignore region are not taught "no object"
+            weights[image_index, centres_inside(boxes[image_index, :, :3].detach(), ignore_boxes), 0] = 0.0
             if len(labels) == 0:
                 continue
             cost = match_cost(
@@ -195,9 +199,10 @@ class DeformableDETRDetector(nn.Module):
             )
             query_idx, gt_idx = hungarian_match(cost)
             class_targets[image_index, query_idx, labels[gt_idx]] = 1.0
+            weights[image_index, query_idx, 0] = 1.0
             matched_pred.append(boxes[image_index, query_idx])
             matched_gt.append(gt_boxes[gt_idx])
-        cls = sigmoid_focal_loss(logits, class_targets, self.focal_gamma, self.focal_alpha).sum() / num_boxes
+        cls = (sigmoid_focal_loss(logits, class_targets, self.focal_gamma, self.focal_alpha) * weights).sum() / num_boxes
         if not matched_pred:
             zero = boxes.sum() * 0.0  # keeps the box heads in the graph (DDP)
             return cls, zero, zero

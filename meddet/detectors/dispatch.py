@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from meddet.data.boxes import IGNORE_LABEL
+
 
 def as_batch(images) -> torch.Tensor:
     """Tensor [B, C, X, Y, Z], a list of equally sized [C, X, Y, Z] tensors, or one [C, X, Y, Z] -> [B, C, X, Y, Z]."""
@@ -46,9 +48,11 @@ def detector_forward(detector, images, targets: Sequence[dict] | None, use_infer
     return detector.predict_patches(images)
 
 
-def check_targets(targets: Sequence[dict], batch: int, num_classes: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image (boxes float [N, 6] `xyzxyz`, labels long [N]) on `device`, after checking counts, label range
-    and box extents; N may be 0 (negative patch)."""
+def check_targets(targets: Sequence[dict], batch: int, num_classes: int, device
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image (boxes float [N, 6] `xyzxyz`, labels long [N], ignore regions float [I, 6] `xyzxyz`) on `device`,
+    after checking counts, label range and box extents; N and I may be 0. Boxes labelled `IGNORE_LABEL` are the
+    ignore regions (`meddet.data.transforms.MergeIgnoreBoxesd`)."""
     if len(targets) != batch:
         raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
     checked = []
@@ -59,9 +63,20 @@ def check_targets(targets: Sequence[dict], batch: int, num_classes: int, device)
         labels = torch.as_tensor(target["label"], device=device).reshape(-1).long()
         if len(boxes) != len(labels):
             raise ValueError(f"target {index}: {len(boxes)} boxes but {len(labels)} labels")
+        ignore = labels == IGNORE_LABEL
+        boxes, labels, ignore_boxes = boxes[~ignore], labels[~ignore], boxes[ignore]
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"target {index}: labels must lie in [0, {num_classes}), got {labels.tolist()}")
+            raise ValueError(f"target {index}: labels must lie in [0, {num_classes}) (or {IGNORE_LABEL} for an "
+                             f"ignore region), got {labels.tolist()}")
         if bool((boxes[:, 3:] <= boxes[:, :3]).any()):
             raise ValueError(f"target {index}: every box needs x2 > x1, y2 > y1, z2 > z1 (xyzxyz), got {boxes}")
-        checked.append((boxes, labels))
+        checked.append((boxes, labels, ignore_boxes))
     return checked
+
+
+def centres_inside(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """[P] whether each point (P, 3) lies inside any of the `xyzxyz` boxes (B, 6)."""
+    if len(boxes) == 0 or len(points) == 0:
+        return torch.zeros(len(points), dtype=torch.bool, device=points.device)
+    points = points[:, None, :]
+    return ((points >= boxes[None, :, :3]) & (points <= boxes[None, :, 3:])).all(dim=-1).any(dim=1)

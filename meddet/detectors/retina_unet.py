@@ -27,7 +27,7 @@ from torch import nn
 from meddet.detectors.anchors import build_anchor_generator
 from meddet.detectors.losses import ellipsoid_segmentation_target, sigmoid_focal_loss
 from meddet.detectors.nms import batched_nms
-from meddet.detectors.dispatch import as_batch, check_targets, detector_forward
+from meddet.detectors.dispatch import as_batch, centres_inside, check_targets, detector_forward
 
 _CLS_LOSSES = ("focal", "bce_hnm")
 _REG_LOSSES = ("l1", "giou")
@@ -43,7 +43,8 @@ class RetinaUNetDetector(nn.Module):
            the network's ``detection_strides`` relative to the first (4, 8, 16, 32 -> 1, 2, 4, 8);
         2. matching: MONAI `ATSSMatcher` (``atss_num_candidates`` nearest anchors per level, IoU >= mean +
            std, ``center_in_gt``), per image;
-        3. classification ("classification"), over all non-ignored anchors:
+        3. classification ("classification"), over all non-ignored anchors (ignored: ATSS's in-between anchors,
+           and unmatched anchors centred inside an ignore region, a target box labelled `IGNORE_LABEL`):
            - ``"focal"``: sigmoid focal loss (``focal_gamma``, ``focal_alpha``), averaged over classes,
              summed over anchors, divided by the number of positive anchors in the batch (at least 1);
            - ``"bce_hnm"``: BCE over the positives and hard negatives picked per image by MONAI's
@@ -55,7 +56,8 @@ class RetinaUNetDetector(nn.Module):
            zero (still attached to the graph) when the batch has no positive anchor;
         5. segmentation ("segmentation"): 0.5 * cross-entropy + 0.5 * batch soft Dice (foreground only) on
            the full-resolution logits. Datalists carry boxes, not masks, so the target marks the voxels
-           inside the ellipsoid inscribed in each target box (see `ellipsoid_segmentation_target`);
+           inside the ellipsoid inscribed in each target box (see `ellipsoid_segmentation_target`; ignore
+           regions are background there: a dense target has no "unknown" class);
         6. "loss" = cls_loss_weight * classification + reg_loss_weight * box_regression
            + seg_loss_weight * segmentation (the value to back-propagate).
 
@@ -259,7 +261,8 @@ class RetinaUNetDetector(nn.Module):
         cls_targets = torch.zeros_like(logits)
         valid = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         positive_rows = []  # per image: (anchor indices, matched gt boxes)
-        for image_index, (boxes, labels) in enumerate(checked):
+        anchor_centres = (anchors[:, :3] + anchors[:, 3:]) / 2
+        for image_index, (boxes, labels, ignore_boxes) in enumerate(checked):
             if len(boxes):
                 _, matched = self.matcher(boxes, anchors, locations_per_level, self.num_anchors)
             else:
@@ -267,13 +270,15 @@ class RetinaUNetDetector(nn.Module):
             matched = matched.to(anchors.device)
             positive = torch.nonzero(matched >= 0).squeeze(1)
             cls_targets[image_index, positive, labels[matched[positive]]] = 1.0
-            valid[image_index] = matched != ATSSMatcher.BETWEEN_THRESHOLDS
+            # anchors centred in an ignore region are neither foreground nor background, unless matched
+            on_ignore = centres_inside(anchor_centres, ignore_boxes.to(anchors.device)) & (matched < 0)
+            valid[image_index] = (matched != ATSSMatcher.BETWEEN_THRESHOLDS) & ~on_ignore
             positive_rows.append((positive, boxes[matched[positive]]))
         num_positive = sum(len(rows) for rows, _ in positive_rows)
 
         cls = self._classification_loss(logits, cls_targets, valid, num_positive)
         reg = self._regression_loss(deltas, anchors, positive_rows, num_positive)
-        seg = self._segmentation_loss(outputs, images, [boxes for boxes, _ in checked])
+        seg = self._segmentation_loss(outputs, images, [boxes for boxes, _, _ in checked])
         total = self.cls_loss_weight * cls + self.reg_loss_weight * reg + self.seg_loss_weight * seg
         return {"classification": cls, "box_regression": reg, "segmentation": seg, "loss": total}
 
@@ -287,6 +292,8 @@ class RetinaUNetDetector(nn.Module):
         fg_probs = torch.sigmoid(logits.detach()).amax(dim=-1)
         pos_masks, neg_masks = self.hard_negative_sampler.select_samples_img_list(list(sample_labels), list(fg_probs))
         sampled = (torch.stack(pos_masks) + torch.stack(neg_masks)) > 0
+        if not bool(sampled.any()):  # every anchor ignored (a patch inside an ignore region): nothing to learn
+            return logits.sum() * 0.0
         return F.binary_cross_entropy_with_logits(logits[sampled], cls_targets[sampled], reduction="mean")
 
     def _regression_loss(self, deltas, anchors, positive_rows, num_positive: int) -> torch.Tensor:
