@@ -221,3 +221,30 @@ def test_itk_format_matches_monai_itk_reader(tmp_path):
     assert shape == (5, 6, 8) == tuple(reference.shape)
     np.testing.assert_allclose(affine, np.asarray(reference.affine), atol=1e-6)
     assert load_datalist(_datalist(tmp_path, [{"image": "a.mhd"}]))[0]["box"].shape == (0, 6)
+
+
+def test_ignore_regions_and_diameters_are_read_and_checked(tmp_path):
+    image = _image(tmp_path, "a.nii.gz")
+    good = {"image": image, "box": [INSIDE_BOX], "label": [0], "ignore_box": [INSIDE_BOX], "diameter_mm": [5.0]}
+    item = load_datalist(_datalist(tmp_path, [good]))[0]
+    assert item["ignore_box"].dtype == np.float32 and item["ignore_box"].shape == (1, 6)
+    assert item["diameter_mm"] == [5.0]
+    assert "ignore_box" not in load_datalist(_datalist(tmp_path, [dict(good, ignore_box=[])]))[0]
+    bad = [dict(good, ignore_box=[[1.0, 2.0, 3.0]]), dict(good, diameter_mm=[5.0, 6.0]),
+           dict(good, diameter_mm=[-1.0])]
+    message = _error(_datalist(tmp_path, bad))
+    assert "item 0" in message and "ignore_box 0 has length 3" in message
+    assert "item 1" in message and "one diameter per box (1)" in message
+    assert "item 2" in message and "not positive numbers: [-1.0]" in message
+
+
+def test_metaimage_with_a_missing_or_short_data_file_is_named(tmp_path):
+    import itk
+
+    itk.imwrite(itk.image_from_array(np.zeros((8, 6, 5), np.int16)), str(tmp_path / "a.mhd"), compression=False)
+    itk.imwrite(itk.image_from_array(np.zeros((8, 6, 5), np.int16)), str(tmp_path / "b.mhd"), compression=False)
+    (tmp_path / "a.raw").unlink()
+    (tmp_path / "b.raw").write_bytes(b"\0" * 100)
+    message = _error(_datalist(tmp_path, [{"image": "a.mhd"}, {"image": "b.mhd"}]))
+    assert f"{tmp_path / 'a.mhd'}: its data file" in message and "does not exist" in message
+    assert f"{tmp_path / 'b.mhd'}: header DimSize [5, 6, 8] x MET_SHORT needs 480 bytes but b.raw has 100" in message

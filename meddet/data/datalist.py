@@ -9,8 +9,13 @@ Datalist format (MONAI detection)::
 
 Boxes are world `cccwhd` in mm, in the world frame of the image file as MONAI's `LoadImage` reads it
 (nibabel's ``affine`` for NIfTI, RAS; for ITK formats the LPS geometry converted to RAS like MONAI's
-`ITKReader`). Labels are 0-based class ids. An item without ``box`` (or with an empty list) is a
-negative case.
+`ITKReader`). An image is a DICOM series folder (one series per folder), a ``.mhd`` (MetaImage),
+``.nrrd`` or ``.nii``/``.nii.gz`` file; every format yields boxes in this same RAS world frame. Labels are
+0-based class ids. An item without ``box`` (or with an empty list) is a negative case. Optional per item:
+``ignore_box`` (world `cccwhd` regions that are neither objects nor background, e.g. LUNA16's excluded
+findings: training takes no loss there, and detections there are neither true nor false positives in
+evaluation) and ``diameter_mm`` (one per box; the evaluation then also reports the LUNA16 CPM, which counts
+a hit within half the diameter of the box centre).
 
 Every problem found in the file is collected and reported in one `DatalistError`, so a broken dataset
 is fixed in one pass instead of one crash per training start.
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from meddet.data.boxes import boxes_world_to_voxel
-from meddet.data.image_io import has_non_finite, image_exists, read_header, read_image_geometry
+from meddet.data.image_io import ImageFormatError, has_non_finite, image_exists, read_header, read_image_geometry
 
 __all__ = ["DatalistError", "load_datalist", "read_image_geometry", "write_datalist"]
 
@@ -49,6 +54,9 @@ def _check_image(paths: list[Path]) -> tuple[list[str], tuple | None, np.ndarray
             continue
         try:
             shape, affine = read_header(path)
+        except ImageFormatError as error:  # already names the path and says what to fix
+            problems.append(str(error))
+            continue
         except Exception as error:  # any reader failure means the file is unusable
             problems.append(f"cannot read image {path}: {error}")
             continue
@@ -120,6 +128,13 @@ def _parse_labels(item: dict, num_classes: int | None) -> tuple[list[str], np.nd
     return [], np.asarray(raw, dtype=np.int64).reshape(-1)
 
 
+def _diameter_problems(raw, num_boxes: int) -> list[str]:
+    if not isinstance(raw, (list, tuple)) or len(raw) != num_boxes:
+        return [f"'diameter_mm' must be a list with one diameter per box ({num_boxes}), got {raw!r:.80}"]
+    bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0]
+    return [f"'diameter_mm' holds values that are not positive numbers: {bad}"] if bad else []
+
+
 def _boxes_outside(boxes: np.ndarray, shape, affine) -> list[str]:
     voxel = np.asarray(boxes_world_to_voxel(boxes.astype(np.float64), affine))
     upper = np.asarray(shape, dtype=np.float64)
@@ -171,7 +186,8 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
     Returns:
         The items, each a copy with ``image`` (and ``instance_mask``, if present) made absolute
         (str, or list of str for multi-file channels), ``box`` float32 array (N, 6) world ``cccwhd``
-        (N = 0 for a negative case) and ``label`` int64 array (N,).
+        (N = 0 for a negative case), ``label`` int64 array (N,) and, when the item has ignore regions,
+        ``ignore_box`` float32 array (I, 6) world ``cccwhd``.
 
     Raises:
         DatalistError: naming the datalist file and, per problem, the item index and image path
@@ -209,6 +225,10 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
             item_problems += label_problems
             if boxes is not None and classes is not None and len(boxes) != len(classes):
                 item_problems.append(f"{len(boxes)} boxes but {len(classes)} labels")
+            ignore_problems, ignore_boxes = _parse_boxes({"box": item.get("ignore_box")})
+            item_problems += [f"ignore_{p}" for p in ignore_problems]
+            if boxes is not None and "diameter_mm" in item:
+                item_problems += _diameter_problems(item["diameter_mm"], len(boxes))
         else:
             item_problems, boxes, classes = [], None, None
             record.pop("box", None)
@@ -222,6 +242,10 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
         if not item_problems:
             if labels:
                 record["box"], record["label"] = boxes, classes
+                if len(ignore_boxes):
+                    record["ignore_box"] = ignore_boxes
+                else:
+                    record.pop("ignore_box", None)
             loaded.append(record)
 
     if problems:

@@ -31,7 +31,7 @@ from meddet.data.boxes import boxes_voxel_to_world
 from meddet.data.datalist import write_datalist
 from meddet.data.nndet import boxes_from_instance_mask
 
-__all__ = ["PRESETS", "synthesize_case", "generate_dataset"]
+__all__ = ["PRESETS", "synthesize_case", "generate_dataset", "generate_luna16_like"]
 
 #: Dataset presets. Ranges are (low, high) drawn uniformly per case unless stated.
 PRESETS: dict[str, dict] = {
@@ -388,3 +388,70 @@ def generate_dataset(output_dir, preset: str = "easy", num_training: int | None 
         json.dump(description, f, indent=2)
     return write_datalist({"training": items[:num_training], "validation": items[num_training:]},
                           output_dir / "datalist.json")
+
+
+LUNA16_UID_ROOT = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
+
+
+def _save_metaimage(array, affine_ras, path) -> None:
+    """`array` (X, Y, Z) with a RAS voxel-to-world affine -> MetaImage (.mhd + .raw) in ITK's LPS geometry."""
+    import itk
+
+    lps = np.array(affine_ras, dtype=np.float64)
+    lps[:2] *= -1
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = itk.image_from_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3] / spacing)))
+    itk.imwrite(image, str(path), compression=False)
+
+
+def generate_luna16_like(output_dir, subsets: tuple[int, ...] = (0, 1, 2), scans_per_subset: int = 4,
+                         seed: int = 0) -> dict:
+    """A miniature dataset in the LUNA16 layout from the easy preset: ``subset<k>/<seriesuid>.mhd/.raw`` (LPS
+    geometry, flipped and permuted axes, non-zero origins), ``annotations.csv`` (nodule centres in LPS mm,
+    diameter = mean size of the lesion's box), ``annotations_excluded.csv`` (every third lesion, plus one
+    finding of unknown diameter -1 per subset) and ``seriesuids.csv``. The first scan of every subset has no
+    lesion (a negative scan).
+
+    Returns:
+        dict with ``luna_dir`` and ``nodules`` / ``excluded`` (seriesuid -> list of [x, y, z, diameter] LPS)
+        and ``subset_of`` (seriesuid -> subset index).
+    """
+    output_dir = Path(output_dir)
+    config = dict(PRESETS["easy"])
+    nodules, excluded, subset_of = {}, {}, {}
+    counter = 0
+    for subset in subsets:
+        folder = output_dir / f"subset{subset}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(scans_per_subset):
+            rng = np.random.default_rng((int(seed), 1000 + counter))
+            case_config = {**config, "empty_fraction": 1.0 if index == 0 else 0.0}
+            image, instances, affine, _ = synthesize_case(case_config, rng, counter)
+            uid = f"{LUNA16_UID_ROOT}{seed}{subset}{index:03d}{counter:05d}"
+            _save_metaimage(image, affine, folder / f"{uid}.mhd")
+            voxel_boxes = boxes_from_instance_mask(instances)
+            rows = []
+            for instance in sorted(voxel_boxes):
+                world = boxes_voxel_to_world(voxel_boxes[instance][None], affine)[0]
+                rows.append([-float(world[0]), -float(world[1]), float(world[2]), float(np.mean(world[3:]))])
+            nodules[uid] = [row for i, row in enumerate(rows) if i % 3 != 2]
+            excluded[uid] = [row for i, row in enumerate(rows) if i % 3 == 2]
+            if index == 1:  # an excluded finding without a diameter, away from the lesions
+                centre = boxes_voxel_to_world(np.array([[1.0, 1.0, 1.0, 3.0, 3.0, 3.0]]), affine)[0]
+                excluded[uid].append([-float(centre[0]), -float(centre[1]), float(centre[2]), -1.0])
+            subset_of[uid] = subset
+            counter += 1
+
+    def write(name, table):
+        with open(output_dir / name, "w") as f:
+            f.write("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+            for uid, rows in table.items():
+                f.writelines(f"{uid},{x!r},{y!r},{z!r},{d!r}\n" for x, y, z, d in rows)
+
+    write("annotations.csv", nodules)
+    write("annotations_excluded.csv", excluded)
+    (output_dir / "seriesuids.csv").write_text("".join(f"{uid}\n" for uid in subset_of))
+    return {"luna_dir": str(output_dir), "nodules": nodules, "excluded": excluded, "subset_of": subset_of}
