@@ -244,3 +244,22 @@ def test_display_score_threshold_from_the_request_filters_the_boxes(tmp_path):
         assert json.load(f)["markups"] == []
     for path in (all_file, none_file):
         os.remove(path)
+
+
+def test_bundle_infer_task_reads_dicom_series_and_metaimage_like_nifti(tmp_path):
+    from test_image_formats import _ct_volume, write_dicom_series, write_itk, write_nifti
+
+    torch.set_num_threads(1)
+    bundle_root = _prepare_bundle(tmp_path, BUNDLES[0])
+    data = _ct_volume()
+    task = BundleInferTask(bundle_root, conf={})
+    results = {}
+    for name, path in (("nifti", write_nifti(tmp_path / "case.nii.gz", data)),
+                       ("mhd", write_itk(tmp_path / "case.mhd", data)),
+                       ("dicom", write_dicom_series(tmp_path / "series", data))):
+        label_file, result = task({"image": path, "device": "cpu"})
+        os.remove(label_file)
+        results[name] = np.asarray(result["box"], dtype=float).reshape(-1, 6)
+    assert len(results["nifti"]) > 0
+    for name in ("mhd", "dicom"):
+        np.testing.assert_allclose(results[name], results["nifti"], atol=0.5, err_msg=name)
