@@ -771,11 +771,14 @@ def readme(variant: dict) -> str:
 ## Data
 
 A MONAI detection datalist: `{{"training": [{{"image": path, "box": [[cx, cy, cz, w, h, d], ...], "label": [0, ...]}}],
-"validation": [...]}}`, boxes in world millimetres (`cccwhd`) of the image files as MONAI reads them
-(RAS for NIfTI; set `affine_lps_to_ras` to true for LPS boxes of ITK/mhd datasets such as LUNA16).
-Cases without boxes are valid negatives. The datalist is checked before training: missing or 2D images,
-NaN/Inf voxels, boxes outside the image or with non-positive size, box/label count mismatches and labels
-outside `num_classes` are reported with the file and item.
+"validation": [...]}}`, boxes in world millimetres (`cccwhd`, RAS: the frame MONAI's readers give every format;
+set `affine_lps_to_ras` to true for boxes written in LPS). An image is a `.nii(.gz)`, `.mhd`, `.nrrd` or a
+DICOM series folder. Cases without boxes are valid negatives. Optional per item: `ignore_box` (no loss there
+in training; detections there count neither way in evaluation) and `diameter_mm` (one per box; evaluation
+then also reports the LUNA16 CPM). `python tools/luna16.py datalist` writes such datalists for LUNA16's folds.
+The datalist is checked before training: missing or 2D images, NaN/Inf voxels, broken DICOM series or `.mhd`
+data files, boxes outside the image or with non-positive size, box/label count mismatches and labels outside
+`num_classes` are reported with the file and item.
 
 Plan spacing, CT intensity normalisation and {planning} for your data into an override file (kept outside
 this folder; `plans.json` below stands for its path):
@@ -794,7 +797,8 @@ Train; a killed run resumes from `models/checkpoint_latest.pt`, the best validat
     python -m monai.bundle run --config_file "['configs/train.json','plans.json']" --dataset_dir D --data_list_file_path L
 
 Evaluate `models/model.pt` on the validation split; writes `eval/predictions.json`, `eval/metrics.json` (COCO
-mAP/AP/AR, FROC), `eval/per_case.csv`, `eval/froc.png` and PNGs:
+mAP/AP/AR, FROC, and the LUNA16 CPM with `eval/luna16_froc.png` when the datalist has `diameter_mm`),
+`eval/per_case.csv`, `eval/froc.png` and PNGs:
 
     python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json','plans.json']" --dataset_dir D --data_list_file_path L
 

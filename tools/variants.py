@@ -210,6 +210,13 @@ _V020 = {
 }
 
 
+_V030_DETECTION = ("meddet 0.3.0: reads DICOM series folders, .mhd and .nrrd like NIfTI; datalist ignore_box regions "
+                   "(no loss there, neither TP nor FP in evaluation) and diameter_mm (evaluation adds the LUNA16 "
+                   "CPM by the official rules); the centre-distance FROC follows the LUNA16 script")
+_V011_PRETRAINING = ("meddet 0.3.0: reads DICOM series folders, .mhd and .nrrd like NIfTI; "
+                     "this bundle computes the same as in 0.1.0")
+
+
 def _row(family: str, initialisation: str, changelog: dict, kind: str = "detection") -> dict:
     """A bundle: its version is the newest of its changelog."""
     name = f"{family}_{initialisation.replace('_native', '')}_{kind}"
@@ -220,11 +227,11 @@ def _row(family: str, initialisation: str, changelog: dict, kind: str = "detecti
 
 def _detection(family: str, initialisation: str, first_release: str) -> dict:
     later = _V020["scratch" if initialisation == "scratch" else "pretrained"]
-    return _row(family, initialisation, {"0.1.0": first_release, "0.2.0": later})
+    return _row(family, initialisation, {"0.1.0": first_release, "0.2.0": later, "0.3.0": _V030_DETECTION})
 
 
 def _pretraining(method: str, first_release: str) -> dict:
-    return _row("resencl", method, {"0.1.0": first_release}, kind="pretraining")
+    return _row("resencl", method, {"0.1.0": first_release, "0.1.1": _V011_PRETRAINING}, kind="pretraining")
 
 
 VARIANTS = [
