@@ -304,7 +304,10 @@ def test_luna16_end_to_end(luna, tmp_path):
     run_bundle(bundle, ["configs/train.json", *configs], str(tmp_path / "train.log"), max_epochs=2, epoch_length=6,
                val_interval=2, **common)
     run_bundle(bundle, ["configs/inference.json", *configs], str(tmp_path / "inference.log"),
-               output_dir=str(tmp_path / "inference"), **common)
+               output_dir=str(tmp_path / "inference"), save_png=True, **common)
+    # one PNG per scan, named by its seriesuid (dots and all)
+    fold0 = {u for u, s in luna["truth"]["subset_of"].items() if s == 0}
+    assert {p[:-4] for p in os.listdir(tmp_path / "inference" / "png")} == fold0
     _tool("submission", "--predictions", str(tmp_path / "inference" / "predictions.json"),
           "--output", str(tmp_path / "submission.csv"))
     output = _tool("evaluate", "--annotations", os.path.join(luna_dir, "annotations.csv"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["ImageFormatError", "has_non_finite", "image_exists", "is_nifti", "metaimage_data_problem", "read_header",
+__all__ = ["ImageFormatError", "has_non_finite", "image_exists", "image_stem", "is_nifti", "metaimage_data_problem", "read_header",
            "read_image_geometry"]
 
 _POSITION, _ORIENTATION, _SERIES_UID = "0020|0032", "0020|0037", "0020|000e"
@@ -34,6 +34,19 @@ def image_exists(path) -> bool:
     """Whether `path` names a file or a folder (read as a DICOM series; `read_header` validates the folder)."""
     # a folder without a usable series must reach read_header, whose error says why, not "not found"
     return Path(path).is_file() or Path(path).is_dir()
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr")
+
+
+def image_stem(path) -> str:
+    """A case name from an image path: the file name without its image suffix (LUNA16's seriesuids keep their
+    dots), or a DICOM series folder's name."""
+    name = Path(str(path).rstrip("/\\")).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def is_nifti(path) -> bool:

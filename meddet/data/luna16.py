@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from meddet.data.datalist import write_datalist
-from meddet.data.image_io import metaimage_data_problem
+from meddet.data.image_io import image_stem, metaimage_data_problem
 
 __all__ = [
     "EXCLUDED_DEFAULT_DIAMETER_MM",
@@ -275,11 +275,7 @@ def _seriesuid_of(entry: dict, where: str) -> str:
     image = image[0] if isinstance(image, (list, tuple)) and image else image
     if not isinstance(image, str) or not image:
         raise Luna16Error(f"{where}: no 'seriesuid' and no image path to take it from")
-    name = os.path.basename(image.rstrip("/\\"))
-    for suffix in (".mhd", ".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return image_stem(image)
 
 
 def predictions_to_submission(predictions_json, output_csv, max_candidates: int = 100) -> dict:

@@ -61,7 +61,8 @@ class DeformableDETRDetector(nn.Module):
            classes (matched queries target their class), summed; L1 on the matched normalised cccwhd boxes,
            summed over the 6 coordinates; 1 - GIoU of the matched boxes, summed; each divided by the number
            of target boxes in the batch averaged over DDP ranks (at least 1). Negative patches contribute
-           classification only (box terms stay attached to the graph at zero);
+           classification only (box terms stay attached to the graph at zero). Unmatched queries whose box
+           centre lies inside an ignore region (a target labelled `IGNORE_LABEL`) take no classification loss;
         4. set loss = ``cls_loss_weight`` * focal + ``bbox_loss_weight`` * L1 + ``giou_loss_weight`` * GIoU;
            "loss" = set loss of the last layer + those of the earlier layers ("aux_decoder") + that of the
            proposals ("aux_encoder"). Also returned: the last layer's unweighted "classification",

@@ -11,6 +11,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from meddet.data.image_io import image_stem
 from meddet.inference.plots import save_detection_png
 from meddet.metrics.report import evaluate_files
 
@@ -131,7 +132,7 @@ class PredictionWriter:
                 self._png(image, prediction, target, str(source))
 
     def _png(self, image, prediction: dict, target: dict | None, source: str) -> None:
-        stem = os.path.basename(source).split(".")[0] or f"case_{len(self.records)}"
+        stem = image_stem(source) or f"case_{len(self.records)}"
         save_detection_png(image.detach().cpu(), prediction, os.path.join(self.output_dir, "png", f"{stem}.png"),
                            ground_truth=target, score_min=self.png_score_min)
 
