@@ -20,7 +20,7 @@ from meddet.data import load_datalist
 TRAINED = {
     "retinaunet_resencl_scratch_detection": (0.8, 0.6),
     "retinaunet_nndet_scratch_detection": (0.8, 0.6),
-    "defdetr_resencl_scratch_detection": (0.7, 0.0),
+    "defdetr_resencl_scratch_detection": (0.7, 0.4),  # measured 0.928 / 0.667
 }
 
 

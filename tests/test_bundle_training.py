@@ -146,3 +146,72 @@ def test_two_process_gloo_training(dataset, tmp_path):
     with open(tmp_path / "ddp.log") as f:
         log = f.read()
     assert "mAP_IoU_0.10_0.50_0.05_MaxDet_100" in log
+
+
+def _record_loss(workflow, record):
+    trainer, _ = _final_state(workflow)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: record.append((e.state.iteration, e.state.output["loss"])))
+    return trainer
+
+
+def test_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run_exactly(dataset, tmp_path):
+    reference = []
+    uninterrupted = _workflow(dataset, tmp_path / "a")
+    _record_loss(uninterrupted, reference)
+    uninterrupted.run()
+
+    interrupted = _workflow(dataset, tmp_path / "b")
+    trainer, _ = _final_state(interrupted)
+    trainer.add_event_handler(*_kill_at(5))  # the last iteration of epoch 1
+    with pytest.raises(Exception):
+        interrupted.run()
+    resumed_record = []
+    resumed = _workflow(dataset, tmp_path / "b")
+    _record_loss(resumed, resumed_record)
+    resumed.run()
+    # the random generators (global and the augmentations') continue where they stopped: same patches, same losses
+    assert [it for it, _ in resumed_record] == [6, 7, 8, 9, 10]
+    assert [loss for _, loss in resumed_record] == [loss for _, loss in reference[5:]]
+
+
+def test_a_resumed_run_keeps_the_best_model(dataset, tmp_path):
+    first = _workflow(dataset, tmp_path / "run", max_epochs=1, val_interval=1)
+    first.run()
+    best_path = tmp_path / "run" / "models" / "model.pt"
+    best_bytes = best_path.read_bytes()
+    evaluator = first.parser.get_parsed_content("validate#evaluator")
+    best = evaluator.state.best_metric
+
+    resumed = _workflow(dataset, tmp_path / "run", max_epochs=2, val_interval=1)
+    evaluator = resumed.parser.get_parsed_content("validate#evaluator")
+    network = resumed.parser.get_parsed_content("network")
+
+    def ruin(_):  # the second validation sees a network that finds nothing: it must not become model.pt
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.zero_()
+    evaluator.add_event_handler(Events.STARTED, ruin)
+    resumed.run()
+    assert evaluator.state.best_metric == best and evaluator.state.best_metric_epoch == 1
+    assert best_path.read_bytes() == best_bytes
+
+
+def test_unreadable_latest_checkpoint_falls_back_or_names_the_file(dataset, tmp_path):
+    run = _workflow(dataset, tmp_path / "run", max_epochs=1)  # saves at iterations 3 and 5
+    run.run()
+    models = tmp_path / "run" / "models"
+    assert (models / "checkpoint_previous.pt").exists()
+    (models / "checkpoint_latest.pt").write_bytes(b"not a checkpoint")
+    resumed = _workflow(dataset, tmp_path / "run", max_epochs=2)
+    trainer, _ = _final_state(resumed)
+    resumed.run()  # from the previous checkpoint (iteration 3), with a warning
+    assert trainer.state.iteration == 10
+
+    (models / "checkpoint_latest.pt").write_bytes(b"not a checkpoint")
+    (models / "checkpoint_previous.pt").write_bytes(b"neither")
+    broken = _workflow(dataset, tmp_path / "run", max_epochs=3)
+    with pytest.raises(Exception) as error:
+        broken.run()
+    message = error_chain(error.value)
+    assert str(models / "checkpoint_latest.pt") in message and "Rename or delete it" in message

@@ -248,3 +248,61 @@ def test_metaimage_with_a_missing_or_short_data_file_is_named(tmp_path):
     message = _error(_datalist(tmp_path, [{"image": "a.mhd"}, {"image": "b.mhd"}]))
     assert f"{tmp_path / 'a.mhd'}: its data file" in message and "does not exist" in message
     assert f"{tmp_path / 'b.mhd'}: header DimSize [5, 6, 8] x MET_SHORT needs 480 bytes but b.raw has 100" in message
+
+
+def test_a_nifti_cut_short_is_named_at_the_check_and_at_load_time(tmp_path):
+    from monai.transforms import Compose
+
+    from meddet.data.image_io import ImageFormatError
+    from meddet.data.transforms import loading_transforms
+
+    for name in ("cut.nii.gz", "cut.nii"):  # integer voxels: the check reads no voxel data for them
+        nib.save(nib.Nifti1Image(np.arange(40 * 40 * 30, dtype=np.int16).reshape(40, 40, 30), AFFINE),
+                 str(tmp_path / name))
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    message = _error(_datalist(tmp_path, [{"image": "cut.nii.gz"}, {"image": "cut.nii"}]))
+    assert f"item 0 (image {tmp_path / 'cut.nii.gz'})" in message and "cut short or damaged" in message
+    assert f"item 1 (image {tmp_path / 'cut.nii'})" in message and "cut short?" in message
+    # an intact multi-member gzip file is not mistaken for a cut one
+    import gzip
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.int16), AFFINE), str(tmp_path / "whole.nii"))
+    raw = (tmp_path / "whole.nii").read_bytes()
+    (tmp_path / "parts.nii.gz").write_bytes(gzip.compress(raw[:100]) + gzip.compress(raw[100:]))
+    assert load_datalist(_datalist(tmp_path, [{"image": "parts.nii.gz"}]))[0]["image"].endswith("parts.nii.gz")
+
+    # cut after the check (or never checked): loading names the file instead of a bare gzip EOFError
+    chain = Compose(loading_transforms((1.0, 1.0, 1.0), (-1000, 1000), 0.0, 500.0, with_boxes=False))
+    with pytest.raises(Exception) as error:
+        chain({"image": str(tmp_path / "cut.nii.gz")})
+    chained, current = [], error.value
+    while current is not None:
+        chained.append(current)
+        current = current.__cause__ or current.__context__
+    named = [e for e in chained if isinstance(e, ImageFormatError)]
+    assert named and f"cannot load image {tmp_path / 'cut.nii.gz'}: EOFError" in str(named[0])
+
+
+def test_boxes_given_in_voxels_get_a_hint(tmp_path):
+    image = _image(tmp_path, "a.nii.gz")  # AFFINE puts the world extent far from the voxel index range
+    message = _error(_datalist(tmp_path, [{"image": image, "box": [[5.0, 6.0, 4.0, 4.0, 4.0, 2.0]], "label": [0]}]))
+    assert "read as voxel indices it would lie inside" in message
+    far = _error(_datalist(tmp_path, [{"image": image, "box": [[500.0, 6.0, 4.0, 4.0, 4.0, 2.0]], "label": [0]}]))
+    assert "lies outside the image" in far and "voxel indices" not in far
+
+
+def test_an_uncaught_datalist_error_is_repeated_after_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = _datalist(tmp_path, [{"image": "missing.nii.gz"}])
+    code = ("from meddet.data import load_datalist\n"
+            "try:\n"
+            f"    load_datalist({str(path)!r})\n"
+            "except Exception as error:\n"
+            "    raise RuntimeError('Failed to evaluate ConfigExpression' + ' (a long MONAI traceback)') from error\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert lines[-1].strip().startswith("item 0 (image") and "image file not found" in lines[-1]
+    assert lines[-2].startswith("DatalistError: datalist") and "RuntimeError: Failed to evaluate" in result.stderr

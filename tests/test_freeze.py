@@ -99,3 +99,65 @@ def test_resume_follows_the_iteration_counter(loader_first, resume_at, frozen):
 def test_network_without_encoder_is_rejected():
     with pytest.raises(TypeError, match="encoder"):
         FreezeEncoder(nn.Conv3d(1, 1, 1), unfreeze_iteration=5)
+
+
+def _optimisation_engine(network, optimizer, records):
+    """An engine running meddet's optimisation step (as the bundles' trainers do) on a fixed image."""
+    from meddet.engines import optimisation_step
+
+    image = torch.randn(1, 1, 6, 6, 6)
+    encoder_weight = network.module.encoder[0].weight
+
+    def step(engine, _):
+        before = encoder_weight.detach().clone()
+        optimisation_step(engine, lambda: {"loss": network(image).square().mean()})
+        records[engine.state.iteration] = not torch.equal(before, encoder_weight.detach())
+
+    engine = Engine(step)
+    engine.network, engine.optimizer, engine.scaler = network, optimizer, None
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
+    return engine
+
+
+def test_freezing_under_distributed_data_parallel(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        network = nn.parallel.DistributedDataParallel(Toy())
+        records = {}
+        engine = _optimisation_engine(network, make_optimizer(network), records)
+        freeze = FreezeEncoder(network, unfreeze_iteration=2)
+        freeze.attach(engine)
+        engine.run(range(4), max_epochs=1)  # toggling requires_grad under DDP would fail in its gradient reduction
+        assert freeze.distributed
+        assert [records[i] for i in range(1, 5)] == [False, False, True, True]
+        assert network.module.encoder[0].weight.requires_grad
+    finally:
+        dist.destroy_process_group()
+
+
+def test_non_finite_loss_is_an_error_in_fp32_and_a_skipped_step_under_amp():
+    from meddet.engines import steps
+
+    network = Toy()
+
+    def engine_with(values, scaler):
+        values = iter(values)
+        engine = Engine(lambda e, _: steps.optimisation_step(
+            e, lambda: {"loss": network(torch.randn(1, 1, 6, 6, 6)).mean() * 0 + next(values)}))
+        engine.network, engine.optimizer, engine.scaler = network, make_optimizer(network), scaler
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
+        return engine
+
+    with pytest.raises(FloatingPointError, match="non-finite training loss at iteration 1"):
+        engine_with([float("inf")], None).run(range(1), max_epochs=1)
+
+    # under AMP: skipped and counted, the count of consecutive ones reset by a finite loss
+    engine = engine_with([float("inf")] * 3 + [1.0] + [float("nan")] * steps.MAX_NONFINITE_STEPS,
+                         torch.amp.GradScaler("cpu"))
+    with pytest.raises(FloatingPointError, match=f"{steps.MAX_NONFINITE_STEPS} non-finite losses in a row"):
+        engine.run(range(100), max_epochs=1)
+    assert engine.state.iteration == 4 + steps.MAX_NONFINITE_STEPS
+    assert engine.state.skipped_steps == 3 + steps.MAX_NONFINITE_STEPS

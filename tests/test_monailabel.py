@@ -49,9 +49,11 @@ from monailabel.utils.others.detection import create_slicer_detection_json  # no
 from meddet.data.boxes import boxes_voxel_to_world  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one bundle per detector family (the pre-trained variants share their family's configs)
+# training: one bundle per detector family (the pre-trained variants share their family's configs and need their
+# encoder checkpoint to start); inference: every detection bundle
 BUNDLES = ["retinaunet_resencl_scratch_detection", "retinaunet_nndet_scratch_detection",
            "defdetr_resencl_scratch_detection"]
+DETECTION_BUNDLES = sorted(name for name in os.listdir(os.path.join(REPO, "bundles")) if name.endswith("_detection"))
 COMMON = {"affine_lps_to_ras": True}
 # the detector keeps its own per-patch threshold (0.05), above a random-init network's prior scores (0.01)
 INFERENCE = {"score_thresh": 0.0, "detector#score_thresh": 0.0, "detections_per_image": 5}
@@ -142,7 +144,11 @@ class _ListDatastore:
         return list(self.items)
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+def test_every_detection_bundle_is_served():
+    assert len(DETECTION_BUNDLES) == 14 and set(BUNDLES) <= set(DETECTION_BUNDLES)
+
+
+@pytest.mark.parametrize("name", DETECTION_BUNDLES)
 def test_bundle_infer_task_returns_world_boxes_and_writes_slicer_json(tmp_path, name):
     torch.set_num_threads(1)
     bundle_root = _prepare_bundle(tmp_path, name)

@@ -211,3 +211,16 @@ def test_invalid_configurations_raise():
         build_resenc_encoder(features_per_stage=(8, 16), strides=(1, 2), blocks_per_stage=(1,))
     with pytest.raises(TypeError, match="output_channels"):
         RetinaUNet(nn.Conv3d(1, 8, 3))
+
+
+def test_too_small_input_names_the_minimum():
+    net = tiny_net()  # total stride 8: 8^3 leaves one voxel in the deepest stage
+    with pytest.raises(ValueError, match=r"too small.*at least one axis of 16, e.g. \(16, 16, 16\)"):
+        net(torch.randn(1, 1, 8, 8, 8))
+    net(torch.randn(1, 1, 16, 8, 8))  # one axis of 16 is enough
+
+
+def test_full_size_network_refuses_32_cubed_with_the_minimum():
+    net = retina_unet_resenc()
+    with pytest.raises(ValueError, match=r"stride 32.*\(64, 64, 64\)"):
+        net(torch.zeros(1, 1, 32, 32, 32))

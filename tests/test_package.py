@@ -84,7 +84,7 @@ def test_the_index_lists_every_bundle_with_the_zip_checksum(tmp_path):
         zip_name = f"{name}_v{metadata['version']}.zip"
         entry = index[f"{name}_v{metadata['version']}"]
         assert entry == {"checksum": hashlib.sha256((out / zip_name).read_bytes()).hexdigest(),
-                         "source": f"{BASE_URL}/{zip_name}"}
+                         "source": f"{BASE_URL}/{zip_name}", "size": (out / zip_name).stat().st_size}
         assert index["bundles"][name] == {
             "latest_version": metadata["version"], "kind": metadata["meddet"]["kind"],
             "family": metadata["meddet"]["family"],
@@ -163,6 +163,33 @@ def test_check_fails_when_a_bundle_changes_without_a_version_bump(tmp_path):
     assert package.check_index(index_path, bundles_dir) == []
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_older_entries_without_size_are_kept_as_they_are(tmp_path):
+    bundles_dir = _copy_bundles(tmp_path, [SCRATCH])
+    index_path = str(tmp_path / "bundle_index.json")
+    old = {"checksum": "ab" * 32, "source": f"{BASE_URL}/{SCRATCH}_v0.0.1.zip"}  # indexed before "size" existed
+    with open(index_path, "w") as f:
+        json.dump({f"{SCRATCH}_v0.0.1": old}, f)
+    index = package.package(str(tmp_path / "dist"), BASE_URL, index=index_path, bundles_dir=bundles_dir)
+    assert index[f"{SCRATCH}_v0.0.1"] == old
+    current = f"{SCRATCH}_v{_version(SCRATCH)}"
+    assert index[current]["size"] == (tmp_path / "dist" / f"{current}.zip").stat().st_size
+    assert package.check_index(index_path, bundles_dir) == []  # an older entry without size is valid
+
+
+def test_check_fails_when_the_current_entry_lacks_its_size(tmp_path):
+    bundles_dir = _copy_bundles(tmp_path, [SCRATCH])
+    index_path = str(tmp_path / "bundle_index.json")
+    package.package(str(tmp_path / "dist"), BASE_URL, index=index_path, bundles_dir=bundles_dir)
+    with open(index_path) as f:
+        index = json.load(f)
+    current = f"{SCRATCH}_v{_version(SCRATCH)}"
+    size = index[current].pop("size")
+    package.write_index(index, index_path)
+    assert package.check_index(index_path, bundles_dir) == [
+        f"{SCRATCH}: version {_version(SCRATCH)} has size None in bundle_index.json, the zip has {size} bytes; run "
+        "`python tools/package.py --out_dir DIR`"]
 
 
 def test_check_fails_when_the_vendored_meddet_changes(tmp_path):

@@ -158,3 +158,28 @@ def test_ignore_regions_travel_with_the_patch_but_are_never_its_object(tmp_path)
     chain.set_random_state(1)
     seen = [patch for patch in chain(item) if -1 in patch["label"].tolist()]
     assert seen and all(0 not in patch["label"].tolist() for patch in chain(item))
+
+
+def test_oblique_grids_are_reported_once_per_image(tmp_path, caplog):
+    import logging
+    import math
+
+    from meddet.data.transforms import oblique_angle_deg
+
+    angle = math.radians(20)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rotation * np.array([0.9, 0.9, 2.5])
+    assert oblique_angle_deg(oblique) == pytest.approx(20.0)
+    assert oblique_angle_deg(AFFINE) == pytest.approx(0.0, abs=1e-9)
+    data = np.full((24, 24, 12), -800, dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, oblique), str(tmp_path / "oblique.nii.gz"))
+    item = {"image": str(tmp_path / "oblique.nii.gz"), "box": np.zeros((0, 6), np.float32),
+            "label": np.zeros(0, np.int64)}
+    chain = validation_transforms(spacing=(0.9, 0.9, 2.5), **NORMALISATION)
+    with caplog.at_level(logging.WARNING, logger="meddet.data.transforms"):
+        chain(dict(item))
+        chain(dict(item))
+    warnings = [r for r in caplog.records if "oblique grid" in r.getMessage()]
+    assert len(warnings) == 1 and "oblique.nii.gz" in warnings[0].getMessage()
+    assert "20.0 deg" in warnings[0].getMessage() and "28 % larger" in warnings[0].getMessage()

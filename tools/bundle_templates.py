@@ -8,7 +8,7 @@ evaluate.json and inference.json alike. Components come from `meddet` by full do
 from __future__ import annotations
 
 import meddet
-from variants import FAMILIES, HF, INITIALISATIONS, PAPER, SMOKE_CHECKPOINT_SOURCE
+from variants import FAMILIES, HF, INITIALISATIONS, PAPER, SMOKE_CHECKPOINT_SOURCE, recipe_differences
 
 MEDDET_REQUIREMENT = meddet.__version__
 MONAI_VERSION = "1.6.1"
@@ -275,9 +275,15 @@ def pretrained_keys(variant: dict) -> dict:
 
 
 # resumable checkpoint of every training bundle (model, optimizer, schedule and the trainer's counters)
-LATEST_CHECKPOINT = {"_target_": "meddet.engines.LatestCheckpoint", "ckpt_dir": "@ckpt_dir",
-                     "interval": "@checkpoint_interval",
-                     "objects": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"}}
+def latest_checkpoint(**extra_objects) -> dict:
+    """The resumable checkpoint of every training bundle: model, optimizer, schedule, the random generators of the
+    run and its training transforms, plus `extra_objects`."""
+    return {"_target_": "meddet.engines.LatestCheckpoint", "ckpt_dir": "@ckpt_dir",
+            "interval": "@checkpoint_interval",
+            "objects": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
+                        "random_states": {"_target_": "meddet.engines.RandomStates",
+                                          "transforms": "@train#preprocessing"},
+                        **extra_objects}}
 # loss logging of every training bundle, rank 0 only under multi_gpu_train.json
 TRAIN_LOGGING_HANDLERS = [
     {"_target_": "StatsHandler", "tag_name": "train_loss",
@@ -345,7 +351,9 @@ def train_config(variant: dict) -> dict:
                  "interval": "@val_interval"},
                 {"_target_": "meddet.engines.freeze.FreezeEncoder", "network": "@network",
                  "unfreeze_iteration": "@freeze_encoder_iterations"},
-                LATEST_CHECKPOINT,
+                latest_checkpoint(best_model={"_target_": "meddet.engines.BestModelMemory",
+                                              "evaluator": "@validate#evaluator",
+                                              "saver": "@validate#best_model_saver"}),
                 *TRAIN_LOGGING_HANDLERS,
             ],
             "trainer": {
@@ -386,9 +394,11 @@ def train_config(variant: dict) -> dict:
                 "collate_fn": "$monai.data.utils.no_collation",
             },
             # rank-0-only handlers last: multi_gpu_train.json drops them on other ranks
+            "best_model_saver": {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
+                                 "save_dict": {"model": "@network"}, "save_key_metric": True,
+                                 "key_metric_filename": "model.pt"},
             "handlers": [
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
-                 "save_key_metric": True, "key_metric_filename": "model.pt"},
+                "@validate#best_model_saver",
                 {"_target_": "StatsHandler", "iteration_log": False},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "$@output_dir + '/tensorboard'",
                  "iteration_log": False},
@@ -709,6 +719,10 @@ def _recipe_text(variant: dict) -> str:
             "TTA and weighted box clustering.")
 
 
+def _differences_text(variant: dict) -> str:
+    return "\n".join(f"- {difference}: {reason}." for difference, reason in recipe_differences(variant))
+
+
 def _pretraining_text(variant: dict) -> str:
     spec = pretraining(variant)
     if spec is None:
@@ -748,7 +762,8 @@ def readme(variant: dict) -> str:
     name = variant["name"]
     export_note = ("last-layer `pred_logits`, `pred_boxes`; trace at the training patch size, the token grid is "
                    "fixed by it" if is_detr(variant) else
-                   "classification maps, box-regression maps, then segmentation; any size divisible by 32 works")
+                   "classification maps, box-regression maps, then segmentation; any multiple of 32 per axis with "
+                   "at least one axis of 64 works (the smoke preset: multiples of 8, one axis of 16)")
     spec = pretraining(variant)
     citation = f"\n- {spec['citation']}." if spec else ""
     weights_licence = (f" The pre-trained weights ({spec['repo']}) are licensed CC-BY-4.0 by their authors."
@@ -758,7 +773,8 @@ def readme(variant: dict) -> str:
     return f"""# {title(variant)}
 
 `{name}` is a MONAI Bundle of the meddet collection: {family(variant)['title']}
-({PARAMETER_COUNTS[variant['family']]} parameters), fine-tuned with the release's recipe.
+({PARAMETER_COUNTS[variant['family']]} parameters), fine-tuned with the release's recipe (the differences are listed under
+Recipe).
 
 ## Initialisation
 
@@ -789,10 +805,17 @@ this folder; `plans.json` below stands for its path):
 
 {_recipe_text(variant)}
 
+Where this bundle departs from the paper's released recipe (what differs, and why):
+
+{_differences_text(variant)}
+
 ## Commands (run from this folder)
 
-Train; a killed run resumes from `models/checkpoint_latest.pt`, the best validation
-`mAP_IoU_0.10_0.50_0.05_MaxDet_100` is kept as `models/model.pt`:
+Train; the best validation `mAP_IoU_0.10_0.50_0.05_MaxDet_100` is kept as `models/model.pt`. A killed run resumes
+from `models/checkpoint_latest.pt` (the one before it is kept as `checkpoint_previous.pt` and used if the latest
+cannot be read) with its optimizer, schedule, best score and random generators: resumed at an epoch boundary with
+`num_workers` 0 it repeats the uninterrupted run exactly on CPU; loader workers' augmentations and the data order of
+an epoch interrupted midway are drawn afresh:
 
     python -m monai.bundle run --config_file "['configs/train.json','plans.json']" --dataset_dir D --data_list_file_path L
 

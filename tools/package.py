@@ -16,18 +16,20 @@ zlib build: a different deflate implementation may compress the same content dif
 Index (`bundle_index.json`, the MONAI model zoo's `model_info.json` form plus a per-bundle section):
 
     {"bundles": {"<name>": {"latest_version", "kind", "family", "detector", "initialisation", "description"}},
-     "<name>_v<version>": {"checksum": "<sha256 of the zip>", "source": "<base_url>/<name>_v<version>.zip"}, ...}
+     "<name>_v<version>": {"checksum": "<sha256 of the zip>", "source": "<base_url>/<name>_v<version>.zip",
+                           "size": <bytes of the zip>}, ...}
 
-Entries of older versions are kept (append-only); the current version's entry is (re)written. The index named by
-`--index` (default: the repository's `bundle_index.json`) is read for the older entries and updated in place;
-pass `--index ""` to leave it alone and write only `<out_dir>/bundle_index.json`.
+Entries of older versions are kept as they are (append-only: one written before `size` existed stays without it,
+which `meddet.hub` accepts); the current version's entry is (re)written, with its `size` (the download limit of
+`meddet.hub`). The index named by `--index` (default: the repository's `bundle_index.json`) is read for the older
+entries and updated in place; pass `--index ""` to leave it alone and write only `<out_dir>/bundle_index.json`.
 
 Download location: `source` is `<base_url>/<zip name>`. `base_url` is `--base_url` if given, else the environment
 variable `MEDDET_BUNDLE_BASE_URL`, else `DEFAULT_BASE_URL` (the GitHub release where the zips are uploaded; set
 one of the two others when publishing somewhere else).
 
 `--check` packs every bundle into a temporary folder and fails, naming the bundle, when its current version is
-missing from the committed index or the index's checksum differs from the fresh zip: a bundle whose files or
+missing from the committed index or the index's checksum or size differs from the fresh zip: a bundle whose files or
 vendored `meddet` changed needs a version bump (and a changelog line in `tools/variants.py`) and a re-run of
 this tool. The `bundles` section must also match what this tool would write.
 """
@@ -170,7 +172,7 @@ def package_bundle(bundle_path: str, out_dir: str, meddet_dir: str = MEDDET_DIR)
                "detector": details["detector"],
                "initialisation": details["initialisation"], "description": metadata["name"]}
     return {"name": name, "version": metadata["version"], "path": path, "sha256": hashlib.sha256(data).hexdigest(),
-            "section": section}
+            "size": len(data), "section": section}
 
 
 def bundle_paths(bundles_dir: str = BUNDLES_DIR) -> list[str]:
@@ -211,7 +213,8 @@ def merged_index(previous: dict, packaged: list[dict], base_url: str) -> dict:
     sections = {name: dict(section) for name, section in previous.get("bundles", {}).items()}
     for item in packaged:
         key = f"{item['name']}_v{item['version']}"
-        entries[key] = {"checksum": item["sha256"], "source": f"{base_url}/{zip_name(item['name'], item['version'])}"}
+        entries[key] = {"checksum": item["sha256"], "source": f"{base_url}/{zip_name(item['name'], item['version'])}",
+                        "size": item["size"]}
         sections[item["name"]] = dict(item["section"])
     parsed = versioned_entries(entries)
     for name, section in sections.items():
@@ -264,6 +267,9 @@ def check_index(index: str = INDEX_PATH, bundles_dir: str = BUNDLES_DIR, meddet_
             problems.append(f"{name}: version {version} changed since it was indexed (index {entry.get('checksum')}, "
                             f"now {item['sha256']}); bump its version and changelog in tools/variants.py, regenerate "
                             "the bundles and run `python tools/package.py --out_dir DIR`")
+        elif entry.get("size") != item["size"]:  # meddet.hub refuses a download larger than this
+            problems.append(f"{name}: version {version} has size {entry.get('size')} in {os.path.basename(index)}, "
+                            f"the zip has {item['size']} bytes; run `python tools/package.py --out_dir DIR`")
     expected = merged_index(committed, packaged, DEFAULT_BASE_URL)["bundles"]
     for item in packaged:
         if committed.get("bundles", {}).get(item["name"]) != expected[item["name"]]:

@@ -115,7 +115,7 @@ def train_config(variant: dict) -> dict:
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
                  "epoch_level": False},
-                common.LATEST_CHECKPOINT,
+                common.latest_checkpoint(),
                 # both write on rank 0 only
                 "@validate#validation",
                 "@checkpoint_writer",

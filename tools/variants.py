@@ -198,6 +198,49 @@ FAMILIES["resencl"] = {
     "smoke": _SMOKE_PRETRAINING,
 }
 
+# Where a bundle departs from the paper's released fine-tuning recipe: (what differs, why), per detector family,
+# plus the lines that apply to one initialisation only. Rendered into every bundle's README.
+_IN_PLANE_ROTATION = (
+    "rotation augmentation turns the patch in the x-y plane only (+-30 deg, p 0.2), not about all three axes",
+    "boxes follow an in-plane rotation exactly as the inscribed ellipsoid (RandRotateBoxd); out-of-plane rotation "
+    "of anisotropic CT mixes the thick-slice axis into the others")
+RECIPE_DIFFERENCES = {
+    "retinaunet": [
+        ("box regression uses smooth L1 with beta 1.0 (nnDetection v0.1's default), the release plain L1 (weight 1, "
+         "summed over the 6 deltas, learnable per-level scale: kept)",
+         "the collection's first release followed nnDetection v0.1; `--detector#smooth_l1_beta 0` gives the "
+         "release's plain L1"),
+        ("classification and regression losses are divided by the number of positive anchors in the batch; the "
+         "release divides by an EMA of that number (beta 0.7, bias correction over 5000 steps)",
+         "not implemented yet; the EMA smooths the loss scale of batches with few positives (4 patches of 128^3)"),
+        _IN_PLANE_ROTATION,
+    ],
+    "defdetr": [
+        ("no weight decay on norms and biases",
+         "the parameter grouping is shared with the Retina U-Net bundles (nnDetection's choice); the release decays "
+         "every parameter"),
+        ("gradient norm clipped at 0.1",
+         "the original Deformable DETR recipe (Zhu et al. 2021) clips at 0.1; it guards the first steps of a randomly "
+         "initialised transformer at batch 4; the release does not clip (`--clip_grad_norm 0` follows it)"),
+        _IN_PLANE_ROTATION,
+    ],
+}
+RECIPE_DIFFERENCES_BY_INITIALISATION = {
+    "multitalent_native": [
+        ("ReLU activations and two convs per head, where the release's native MultiTalent fine-tuning uses "
+         "LeakyReLU (slope 0.01) and one head conv",
+         "the same network as `retinaunet_nndet_scratch_detection`, so the two bundles differ in the encoder's "
+         "initialisation only; activations hold no weights, so the released encoder loads either way"),
+    ],
+}
+
+
+def recipe_differences(variant: dict) -> list[tuple[str, str]]:
+    """The (difference, reason) lines of a detection bundle, in the order its README lists them."""
+    family = "defdetr" if variant["family"].startswith("defdetr") else "retinaunet"
+    return RECIPE_DIFFERENCES[family] + RECIPE_DIFFERENCES_BY_INITIALISATION.get(variant["initialisation"], [])
+
+
 # Which pre-training bundle makes the small checkpoint a pre-trained detection bundle's smoke preset starts from
 # (the closest method the collection can pre-train; a user may pass any other with --pretrained_checkpoint).
 SMOKE_CHECKPOINT_SOURCE = {"mae": "mae", "s3d": "mae", "mg": "mae", "voco": "simclr", "multitalent": "mae"}

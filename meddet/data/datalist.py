@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,28 @@ _AFFINE_TOLERANCE = 1e-3
 
 class DatalistError(ValueError):
     """A datalist that cannot be trained on; the message lists every problem found."""
+
+
+def _repeat_uncaught_datalist_errors_last() -> None:
+    """Have an uncaught `DatalistError` repeated after its traceback. Raised inside a bundle's config expression, it
+    reaches the user in the middle of MONAI's long "Failed to evaluate ConfigExpression" traceback; the list of
+    problems to fix should be the last thing on the screen. A caught error prints nothing."""
+    if getattr(sys.excepthook, "repeats_datalist_errors", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        previous(kind, value, traceback)
+        seen, error = set(), value
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            if isinstance(error, DatalistError):
+                print(f"\n{type(error).__name__}: {error}", file=sys.stderr)
+                return
+            error = error.__cause__ or error.__context__
+
+    hook.repeats_datalist_errors = True
+    sys.excepthook = hook
 
 
 def _check_image(paths: list[Path]) -> tuple[list[str], tuple | None, np.ndarray | None]:
@@ -135,14 +158,22 @@ def _diameter_problems(raw, num_boxes: int) -> list[str]:
     return [f"'diameter_mm' holds values that are not positive numbers: {bad}"] if bad else []
 
 
+def _inside(voxel_box: np.ndarray, upper: np.ndarray) -> bool:
+    return not (np.any(voxel_box[:3] < -_BOX_TOLERANCE_VOXELS) or np.any(voxel_box[3:] > upper + _BOX_TOLERANCE_VOXELS))
+
+
 def _boxes_outside(boxes: np.ndarray, shape, affine) -> list[str]:
     voxel = np.asarray(boxes_world_to_voxel(boxes.astype(np.float64), affine))
+    as_indices = np.concatenate([boxes[:, :3] - boxes[:, 3:] / 2, boxes[:, :3] + boxes[:, 3:] / 2], axis=1)
     upper = np.asarray(shape, dtype=np.float64)
     problems = []
     for index, box in enumerate(voxel):
-        if np.any(box[:3] < -_BOX_TOLERANCE_VOXELS) or np.any(box[3:] > upper + _BOX_TOLERANCE_VOXELS):
+        if not _inside(box, upper):
+            # the usual cause: boxes written in voxel indices instead of world millimetres
+            hint = ("; read as voxel indices it would lie inside: datalist boxes are world millimetres (cx, cy, cz, "
+                    "w, h, d), not voxels" if _inside(as_indices[index], upper) else "")
             problems.append(f"box {index} lies outside the image: voxel box {np.round(box, 2).tolist()} "
-                            f"for spatial shape {tuple(shape)} (tolerance {_BOX_TOLERANCE_VOXELS:g} voxel)")
+                            f"for spatial shape {tuple(shape)} (tolerance {_BOX_TOLERANCE_VOXELS:g} voxel){hint}")
     return problems
 
 
@@ -252,6 +283,7 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
         shown = problems[:_MAX_REPORTED]
         if len(problems) > _MAX_REPORTED:
             shown.append(f"... and {len(problems) - _MAX_REPORTED} more")
+        _repeat_uncaught_datalist_errors_last()
         raise DatalistError(f"datalist {file_path} ({data_list_key!r}): {len(problems)} problem(s):\n  "
                             + "\n  ".join(shown))
     return loaded

@@ -11,13 +11,14 @@ loaded image whatever the file format. A folder is read as one DICOM series, as 
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["ImageFormatError", "has_non_finite", "image_exists", "image_stem", "is_nifti", "metaimage_data_problem", "read_header",
+__all__ = ["ImageFormatError", "has_non_finite", "image_exists", "image_stem", "is_nifti", "metaimage_data_problem", "nifti_data_problem", "read_header",
            "read_image_geometry"]
 
 _POSITION, _ORIENTATION, _SERIES_UID = "0020|0032", "0020|0037", "0020|000e"
@@ -265,6 +266,34 @@ def metaimage_data_problem(path) -> str | None:
 
 
 
+def nifti_data_problem(path, image=None) -> str | None:
+    """Why a NIfTI file's voxel data cannot be read in full (None when it can), without decompressing it: an
+    uncompressed file shorter than its header's data needs, or a gzip stream whose trailer does not record the
+    size the header needs (the last 4 bytes of a gzip file hold the uncompressed size modulo 2**32; a file cut
+    short ends in arbitrary bytes instead). Only on that mismatch is the stream decompressed, to tell a cut file
+    from a valid multi-part gzip file."""
+    import gzip
+
+    image = image if image is not None else nib.load(str(path))
+    header = image.header
+    needed = int(header.get("vox_offset", 0)) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if not str(path).lower().endswith(".gz"):
+        size = os.path.getsize(path)
+        return None if size >= needed else f"the file has {size} bytes but its header needs {needed}: cut short?"
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        recorded = int.from_bytes(f.read(4), "little")
+    if recorded == needed % 2 ** 32:
+        return None
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError) as error:
+        return f"the compressed data is cut short or damaged ({type(error).__name__}: {error})"
+    return None
+
+
 def read_header(path) -> tuple[tuple[int, ...], np.ndarray]:
     """Full array shape (spatial first, channels last as stored) and the 4x4 voxel-to-world affine (RAS).
 
@@ -274,6 +303,9 @@ def read_header(path) -> tuple[tuple[int, ...], np.ndarray]:
         return _dicom_header(path)
     if is_nifti(path):
         image = nib.load(str(path))
+        problem = nifti_data_problem(path, image)
+        if problem:
+            raise ImageFormatError(f"{path}: {problem}")
         return tuple(int(s) for s in image.shape), np.array(image.affine, dtype=np.float64)
     if str(path).lower().endswith(".mhd"):
         problem = metaimage_data_problem(path)

@@ -8,6 +8,7 @@ user changes (spacing, intensity window, patch size, augmentation strength) as c
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -43,7 +44,10 @@ from monai.transforms import (
 )
 
 from meddet.data.boxes import IGNORE_LABEL, boxes_voxel_to_world, boxes_world_to_voxel
+from meddet.data.image_io import ImageFormatError
 from meddet.data.score_filter import SelectDetectionsByScored
+
+logger = logging.getLogger(__name__)
 
 # Orientationd warns in MONAI 1.6 unless the axis labels are explicit (the default changes later).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -54,6 +58,28 @@ def _lps_to_ras(boxes_cccwhd: np.ndarray) -> np.ndarray:
     boxes = np.array(boxes_cccwhd, dtype=np.float64, copy=True).reshape(-1, 6)
     boxes[:, :2] *= -1
     return boxes
+
+
+_OBLIQUE_WARNED: set = set()
+
+
+def oblique_angle_deg(affine) -> float:
+    """The largest angle (degrees) between a voxel axis of `affine` and the world axis nearest to it (0 for grids
+    whose axes are flips and permutations of the world's)."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cosines = np.abs(columns).max(axis=0) / np.linalg.norm(columns, axis=0)
+    return float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
+
+
+def _warn_if_oblique(image) -> None:
+    angle = oblique_angle_deg(image.affine)
+    source = str(image.meta.get("filename_or_obj", "")) if hasattr(image, "meta") else ""
+    if angle > 0.5 and source not in _OBLIQUE_WARNED:
+        _OBLIQUE_WARNED.add(source)
+        growth = math.cos(math.radians(angle)) + math.sin(math.radians(angle))
+        logger.warning("image %s has an oblique grid (axes up to %.1f deg off the world axes): its world boxes are the "
+                       "axis-aligned boxes around the rotated voxel boxes, up to %.0f %% larger per axis than the "
+                       "voxel boxes", source or "(unnamed)", angle, 100 * (growth - 1))
 
 
 class BoxesWorldToVoxeld(MapTransform):
@@ -74,6 +100,7 @@ class BoxesWorldToVoxeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         affine = d[self.image_key].affine
+        _warn_if_oblique(d[self.image_key])
         for key in self.key_iterator(d):
             boxes = torch.as_tensor(d[key]).detach().cpu().double().reshape(-1, 6).numpy()
             if self.to_world:
@@ -124,6 +151,20 @@ class RandCropTargetBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
         return super().generate_fg_center_boxes_np(boxes, image_size)
 
 
+class CheckedLoadImaged(LoadImaged):
+    """MONAI's `LoadImaged` whose failures name the file: a volume that cannot be read when it is cached or loaded
+    (cut short after the datalist check, damaged, removed) stops the run with its path, not with a bare
+    "EOFError: Compressed file ended before the end-of-stream marker was reached"."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as error:  # any reader failure: add the path, keep the cause
+            images = [data[key] for key in self.keys if key in data]
+            raise ImageFormatError(f"cannot load image {images[0] if len(images) == 1 else images}: "
+                                   f"{type(error).__name__}: {error}") from error
+
+
 def _labels_as_long(keys: KeysCollection) -> EnsureTyped:
     return EnsureTyped(keys=keys, dtype=torch.long, track_meta=False)
 
@@ -156,7 +197,7 @@ def loading_transforms(
         clip=True,
     )
     chain = [
-        LoadImaged(keys="image", image_only=False, ensure_channel_first=False),
+        CheckedLoadImaged(keys="image", image_only=False, ensure_channel_first=False),
         EnsureChannelFirstd(keys="image"),
         EnsureTyped(keys="image", dtype=torch.float32),
         Orientationd(keys="image", axcodes="RAS", labels=RAS_LABELS),

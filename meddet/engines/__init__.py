@@ -1,6 +1,6 @@
 """Training and evaluation workflows: iteration steps for MONAI engines, schedules, handlers."""
 
-from meddet.engines.handlers import EvaluationReport, LatestCheckpoint, PredictionWriter
+from meddet.engines.handlers import BestModelMemory, EvaluationReport, LatestCheckpoint, PredictionWriter, RandomStates
 from meddet.engines.optim import parameter_groups
 from meddet.engines.schedulers import WarmupPoly, warmup_poly_scheduler
 from meddet.engines.steps import (
@@ -14,7 +14,9 @@ from meddet.engines.steps import (
 __all__ = [
     "DetectionTrainStep",
     "EvaluationReport",
+    "BestModelMemory",
     "LatestCheckpoint",
+    "RandomStates",
     "PredictionWriter",
     "WarmupPoly",
     "detection_eval_step",

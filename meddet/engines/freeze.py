@@ -11,6 +11,18 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def _is_distributed(network: nn.Module) -> bool:
+    while True:
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            return True
+        inner = getattr(network, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(network, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        network = inner
+
+
 def _encoder(network: nn.Module) -> nn.Module:
     while True:  # DistributedDataParallel / DataParallel / torch.compile wrappers
         inner = getattr(network, "module", None)
@@ -37,19 +49,27 @@ class FreezeEncoder:
     resumed past `unfreeze_iteration` trains the encoder whatever order the checkpoint loader and this handler
     were attached in. `unfreeze_iteration <= 0` never freezes.
 
+    Under DistributedDataParallel, whose gradient reduction expects a gradient for every parameter that was trainable
+    when it wrapped the model, `requires_grad` stays on: the frozen parameters are listed in the engine state's
+    `frozen_parameters` and `meddet.engines.optimisation_step` drops their (reduced) gradients before the optimizer
+    step, with the same effect on the weights; the encoder's backward pass is then still computed.
+
     Usage: `FreezeEncoder(network, 4000).attach(trainer)` (a MONAI bundle lists it among the train handlers).
     """
 
     def __init__(self, network: nn.Module, unfreeze_iteration: int):
         self.encoder = _encoder(network)
+        self.distributed = _is_distributed(network)
         self.unfreeze_iteration = int(unfreeze_iteration)
         self._frozen: List[nn.Parameter] = []
+        self._engine: Engine | None = None
 
     @property
     def frozen(self) -> bool:
         return bool(self._frozen)
 
     def attach(self, engine: Engine) -> None:
+        self._engine = engine
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration_completed)
@@ -68,14 +88,18 @@ class FreezeEncoder:
     def _apply(self, freeze: bool, iteration: int) -> None:
         if freeze and not self._frozen:
             self._frozen = [p for p in self.encoder.parameters() if p.requires_grad]
-            for parameter in self._frozen:
+            if self.distributed:
+                self._engine.state.frozen_parameters = tuple(self._frozen)
+            for parameter in [] if self.distributed else self._frozen:
                 parameter.requires_grad_(False)
             logger.info(
                 "encoder frozen (%d tensors) at iteration %d until iteration %d", len(self._frozen), iteration,
                 self.unfreeze_iteration,
             )
         elif not freeze and self._frozen:
-            for parameter in self._frozen:
+            if self.distributed:
+                self._engine.state.frozen_parameters = ()
+            for parameter in [] if self.distributed else self._frozen:
                 parameter.requires_grad_(True)
             logger.info("encoder unfrozen (%d tensors) after iteration %d", len(self._frozen), iteration)
             self._frozen = []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections.abc import Callable, Mapping, Sequence
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
@@ -28,6 +30,90 @@ def _load_state_dict(obj, state) -> None:
     (module if isinstance(module, torch.nn.Module) else obj).load_state_dict(state)
 
 
+def _randomizable(transform) -> list:
+    """Every object with its own numpy RandomState (`R`, MONAI's Randomizable) inside a transform chain."""
+    found, stack = [], [transform]
+    while stack:
+        current = stack.pop()
+        if isinstance(getattr(current, "R", None), np.random.RandomState):
+            found.append(current)
+        stack.extend(reversed(list(getattr(current, "transforms", ()) or ())))
+    return found
+
+
+def _numpy_state(state) -> dict:
+    name, keys, position, has_gauss, gauss = state
+    return {"name": name, "keys": torch.as_tensor(np.asarray(keys, dtype=np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _numpy_tuple(state: dict) -> tuple:
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["position"], state["has_gauss"],
+            state["gauss"])
+
+
+class RandomStates:
+    """The random number generators a training run draws from, as one checkpointable object: torch's (CPU and,
+    when present, CUDA), numpy's and Python's global generators and the own generator of every random transform in
+    `transforms` (the training chain). Restored on resume, a run continued at an epoch boundary with the data
+    loaded in the main process (``num_workers`` 0) repeats the uninterrupted run exactly on CPU. Not restored:
+    loader worker processes (re-seeded from torch's generator each epoch, so their augmentations differ after a
+    resume) and the data order inside an epoch interrupted midway (the remaining iterations draw a fresh order).
+    """
+
+    def __init__(self, transforms=None):
+        self.transforms = _randomizable(transforms) if transforms is not None else []
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(np.random.get_state()),
+                 "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+                 "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        random.setstate((state["python_version"], tuple(state["python"]), None))
+        if len(state["transforms"]) == len(self.transforms):
+            for transform, saved in zip(self.transforms, state["transforms"]):
+                transform.R.set_state(_numpy_tuple(saved))
+        else:
+            logger.warning("the training transforms changed since the checkpoint (%d random transforms, %d saved): "
+                           "their random states start afresh", len(self.transforms), len(state["transforms"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BestModelMemory:
+    """What the best-model saver remembers, as one checkpointable object: the evaluator's best metric and its
+    epoch, and the list of saved best checkpoints of MONAI's `CheckpointSaver` (`save_key_metric`). Without it a
+    resumed run forgets the best score and its next validation, however poor, replaces ``model.pt``."""
+
+    def __init__(self, evaluator, saver=None):
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def state_dict(self) -> dict:
+        state = {"best_metric": float(self.evaluator.state.best_metric),
+                 "best_metric_epoch": int(self.evaluator.state.best_metric_epoch)}
+        tracker = getattr(self.saver, "_key_metric_checkpoint", None)
+        if tracker is not None:
+            state["saved"] = [[float(item.priority), str(item.filename)] for item in tracker._saved]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        if self.saver is not None and state.get("saved"):
+            self.saver.load_state_dict({"_saved": [tuple(item) for item in state["saved"]]})
+
+
+#: checkpoint entries a resume can do without (checkpoints written before they existed)
+OPTIONAL_STATES = ("random_states", "best_model")
+
+
 class LatestCheckpoint:
     """Keep one resumable checkpoint `<ckpt_dir>/<filename>` of `objects` (model, optimizer, lr_scheduler...)
     plus the state of the engine it is attached to (under "trainer": epoch, iteration), and resume from it
@@ -36,8 +122,11 @@ class LatestCheckpoint:
 
     Saved every `interval` iterations, when the run completes and when it is interrupted by an exception
     (so a killed or crashed run loses at most `interval` iterations). Writes go to a temporary file that is
-    renamed over the previous checkpoint, so a crash during the write never destroys the last good one.
-    Only rank 0 writes; every rank loads.
+    renamed over the previous checkpoint, and the one it replaces is kept as `<filename stem>_previous.pt`: a
+    crash during the write never destroys the last good checkpoint, and a latest checkpoint that cannot be read
+    (a damaged disk, a copy cut short) falls back to the previous one with a warning. Only rank 0 writes; every
+    rank loads. Objects with `state_dict`/`load_state_dict` can be added, e.g. `RandomStates` and
+    `BestModelMemory`, so that a resumed run continues the uninterrupted one.
     """
 
     def __init__(self, ckpt_dir: str, objects: Mapping[str, object], interval: int = 500,
@@ -45,6 +134,8 @@ class LatestCheckpoint:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
         self.path = os.path.join(ckpt_dir, filename)
+        stem, suffix = os.path.splitext(filename)
+        self.previous_path = os.path.join(ckpt_dir, f"{stem.replace('_latest', '')}_previous{suffix}")
         self.objects = dict(objects)
         self.interval = int(interval)
         self.resume = resume
@@ -64,6 +155,8 @@ class LatestCheckpoint:
         payload = {name: _state_dict(obj) for name, obj in self.objects.items()}
         tmp = self.path + ".tmp"
         torch.save(payload, tmp)
+        if os.path.exists(self.path):
+            os.replace(self.path, self.previous_path)
         os.replace(tmp, self.path)
 
     def _save_on_exception(self, engine: Engine, error: Exception) -> None:
@@ -71,13 +164,37 @@ class LatestCheckpoint:
             self.save(engine)
         raise error
 
+    def _read(self) -> dict | None:
+        """The payload of the latest checkpoint, else of the previous one (with a warning); None when neither
+        exists; a clear error when none that exists can be read."""
+        failures = []
+        for path in (self.path, self.previous_path):
+            if not os.path.exists(path):
+                continue
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # any unreadable file: say which, and what to do
+                failures.append(f"{path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+                continue
+            if failures:
+                logger.warning("cannot read %s; resuming from the previous checkpoint %s instead", failures[0], path)
+            return payload
+        if failures:
+            raise RuntimeError(
+                "cannot resume: " + "; ".join(failures) + " cannot be read as a checkpoint. Rename or delete it to "
+                "start the run afresh (models/model.pt, the best model so far, is not touched)")
+        return None
+
     def load(self, engine: Engine) -> None:
-        if not os.path.exists(self.path):
+        payload = self._read()
+        if payload is None:
             return
-        payload = torch.load(self.path, map_location="cpu", weights_only=True)
         max_epochs = engine.state.max_epochs
         for name, obj in self.objects.items():
             if name not in payload:
+                if name in OPTIONAL_STATES:
+                    logger.warning("%s has no '%s' entry (an older checkpoint): it starts afresh", self.path, name)
+                    continue
                 raise KeyError(f"{self.path} has no '{name}' entry (has: {sorted(payload)}); "
                                "delete it to start a new run")
             _load_state_dict(obj, payload[name])

@@ -6,10 +6,13 @@ training mode, and detections when called with `use_inferer=True` in eval mode).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine
+
+logger = logging.getLogger(__name__)
 
 
 def flatten_samples(batch) -> list[dict]:
@@ -30,21 +33,45 @@ def _autocast(engine: Engine, device: torch.device):
                           **(getattr(engine, "amp_kwargs", None) or {}))
 
 
+#: consecutive non-finite losses under AMP after which training stops (the GradScaler skips each such step)
+MAX_NONFINITE_STEPS = 20
+
+
+def _non_finite(engine: Engine, losses: dict) -> None:
+    """A non-finite loss: an error in fp32; under AMP a step the GradScaler skips (fp16 overflow, which lowers its
+    scale), counted and logged, and an error once `MAX_NONFINITE_STEPS` come in a row."""
+    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if v.numel() == 1)
+    where = f"non-finite training loss at iteration {engine.state.iteration}: {terms}"
+    if engine.scaler is None:
+        raise FloatingPointError(where)
+    engine.state.nonfinite_steps = getattr(engine.state, "nonfinite_steps", 0) + 1
+    engine.state.skipped_steps = getattr(engine.state, "skipped_steps", 0) + 1
+    if engine.state.nonfinite_steps >= MAX_NONFINITE_STEPS:
+        raise FloatingPointError(f"{where}; {engine.state.nonfinite_steps} non-finite losses in a row under AMP "
+                                 "(the learning rate or the data may be at fault, not the fp16 range)")
+    logger.warning("%s; the step is skipped (%d skipped so far)", where, engine.state.skipped_steps)
+
+
 def optimisation_step(engine: Engine, compute_losses, clip_grad_norm: float = 0.0) -> dict:
-    """zero_grad -> forward under autocast (CUDA AMP when the engine has `amp`) -> non-finite check -> backward
-    (through the engine's GradScaler when present) -> optional global gradient-norm clipping (after unscaling)
-    -> optimizer step. `compute_losses()` returns a dict whose "loss" entry is minimised; returns it as floats."""
+    """zero_grad -> forward under autocast (CUDA AMP when the engine has `amp`) -> non-finite check (see
+    `_non_finite`) -> backward (through the engine's GradScaler when present) -> drop the gradients of
+    `engine.state.frozen_parameters` (`FreezeEncoder` under DDP) -> optional global gradient-norm clipping (after
+    unscaling) -> optimizer step. `compute_losses()` returns a dict whose "loss" entry is minimised; returns it as
+    floats."""
     device = engine.state.device
     engine.network.train()
     engine.optimizer.zero_grad(set_to_none=True)
     with _autocast(engine, device):
         losses = compute_losses()
     loss = losses["loss"]
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss {loss.item()} at iteration {engine.state.iteration}: "
-                                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if v.numel() == 1))
+    if torch.isfinite(loss):
+        engine.state.nonfinite_steps = 0
+    else:
+        _non_finite(engine, losses)
     scaler = engine.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    for parameter in getattr(engine.state, "frozen_parameters", ()):
+        parameter.grad = None
     if clip_grad_norm > 0:
         if scaler is not None:
             scaler.unscale_(engine.optimizer)

@@ -16,7 +16,7 @@ from torch import nn
 from meddet.networks.deformable_attention import MultiScaleDeformableAttention3D
 from meddet.networks.position_encoding import PositionEmbeddingSine3D, sine_embedding
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
-from meddet.networks.strides import encoder_levels
+from meddet.networks.strides import check_input_size, encoder_levels
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class logit
 PROPOSAL_RANGE = (0.01, 0.99)  # proposals with a coordinate outside this open range are never selected
@@ -259,12 +259,7 @@ class DeformableDETR(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:
             raise ValueError(f"DeformableDETR: expected input [B, C, X, Y, Z], got shape {tuple(x.shape)}")
-        spatial = tuple(x.shape[2:])
-        if any(size % self.total_stride for size in spatial):
-            raise ValueError(
-                f"DeformableDETR: input spatial size {spatial} is not divisible by the network's total stride "
-                f"{self.total_stride}; pad or crop every spatial axis to a multiple of {self.total_stride}"
-            )
+        check_input_size(x.shape[2:], self.total_stride, "DeformableDETR")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Dict[str, Union[torch.Tensor, list, dict]]:

@@ -10,7 +10,7 @@ from torch import nn
 from meddet.networks.fpn import UNetFPN
 from meddet.networks.heads import ClassificationHead, RegressionHead, SegmentationHead
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
-from meddet.networks.strides import encoder_levels
+from meddet.networks.strides import check_input_size, encoder_levels
 
 DEFAULT_HEAD_CONVS = 2
 
@@ -110,12 +110,7 @@ class RetinaUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Dict[str, Union[torch.Tensor, List[torch.Tensor]]]:
         if x.ndim != 5:
             raise ValueError(f"RetinaUNet: expected input [B, C, X, Y, Z], got shape {tuple(x.shape)}")
-        spatial = tuple(x.shape[2:])
-        if any(size % self.total_stride for size in spatial):
-            raise ValueError(
-                f"RetinaUNet: input spatial size {spatial} is not divisible by the network's total stride "
-                f"{self.total_stride}; pad or crop every spatial axis to a multiple of {self.total_stride}"
-            )
+        check_input_size(x.shape[2:], self.total_stride, "RetinaUNet")
         features = self.encoder(x)
         if not isinstance(features, (list, tuple)):
             raise TypeError("RetinaUNet: the encoder must return a list of per-stage maps (return_skips=True)")

@@ -37,3 +37,22 @@ def encoder_levels(encoder, owner: str) -> tuple[List[int], List[int]]:
     if getattr(encoder, "return_skips", True) is False:
         raise ValueError(f"{owner}: the encoder returns only its last map; build it with return_skips=True")
     return [int(c) for c in encoder.output_channels], cumulative_strides(encoder.strides, owner)
+
+
+def check_input_size(spatial: Sequence[int], total_stride: int, owner: str) -> None:
+    """Refuse an input the network cannot take: every spatial axis must be a positive multiple of the total stride,
+    and the deepest stage's map must hold more than one voxel, which instance normalisation needs in training
+    (so 32^3 is too small for the release networks' stride 32: one axis of 64 at least)."""
+    stride = int(total_stride)
+    spatial = tuple(int(s) for s in spatial)
+    if any(size % stride or size < stride for size in spatial):
+        raise ValueError(
+            f"{owner}: input spatial size {spatial} is not divisible by the network's total stride {stride}; pad or "
+            f"crop every spatial axis to a multiple of {stride}"
+        )
+    if all(size == stride for size in spatial):
+        raise ValueError(
+            f"{owner}: input spatial size {spatial} is too small: the deepest stage (stride {stride}) would hold one "
+            f"voxel, and its instance normalisation needs more; the smallest input is {stride} per axis with at "
+            f"least one axis of {2 * stride}, e.g. {(2 * stride,) * 3}"
+        )
