@@ -114,7 +114,7 @@ def _optimisation_engine(network, optimizer, records):
         records[engine.state.iteration] = not torch.equal(before, encoder_weight.detach())
 
     engine = Engine(step)
-    engine.network, engine.optimizer, engine.scaler = network, optimizer, None
+    engine.network, engine.optimizer, engine.scaler, engine.amp = network, optimizer, None, False
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
     return engine
 
@@ -147,7 +147,7 @@ def test_non_finite_loss_is_an_error_in_fp32_and_a_skipped_step_under_amp():
         values = iter(values)
         engine = Engine(lambda e, _: steps.optimisation_step(
             e, lambda: {"loss": network(torch.randn(1, 1, 6, 6, 6)).mean() * 0 + next(values)}))
-        engine.network, engine.optimizer, engine.scaler = network, make_optimizer(network), scaler
+        engine.network, engine.optimizer, engine.scaler, engine.amp = network, make_optimizer(network), scaler, False
         engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
         return engine
 
