@@ -155,24 +155,26 @@ def _record_loss(workflow, record):
     return trainer
 
 
-def test_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run_exactly(dataset, tmp_path):
+def test_resume_where_a_pass_over_the_data_ended_repeats_the_uninterrupted_run_exactly(dataset, tmp_path):
+    # 6 training cases in batches of 4: one pass over the data is 2 iterations, an epoch here 2 passes
+    passes = {"epoch_length": 4, "max_epochs": 3}
     reference = []
-    uninterrupted = _workflow(dataset, tmp_path / "a")
+    uninterrupted = _workflow(dataset, tmp_path / "a", **passes)
     _record_loss(uninterrupted, reference)
     uninterrupted.run()
 
-    interrupted = _workflow(dataset, tmp_path / "b")
+    interrupted = _workflow(dataset, tmp_path / "b", **passes)
     trainer, _ = _final_state(interrupted)
-    trainer.add_event_handler(*_kill_at(5))  # the last iteration of epoch 1
+    trainer.add_event_handler(*_kill_at(6))  # mid-epoch, where the third pass ended
     with pytest.raises(Exception):
         interrupted.run()
     resumed_record = []
-    resumed = _workflow(dataset, tmp_path / "b")
+    resumed = _workflow(dataset, tmp_path / "b", **passes)
     _record_loss(resumed, resumed_record)
     resumed.run()
     # the random generators (global and the augmentations') continue where they stopped: same patches, same losses
-    assert [it for it, _ in resumed_record] == [6, 7, 8, 9, 10]
-    assert [loss for _, loss in resumed_record] == [loss for _, loss in reference[5:]]
+    assert [it for it, _ in resumed_record] == list(range(7, 13))
+    assert [loss for _, loss in resumed_record] == [loss for _, loss in reference[6:]]
 
 
 def test_a_resumed_run_keeps_the_best_model(dataset, tmp_path):

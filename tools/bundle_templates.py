@@ -813,9 +813,9 @@ Where this bundle departs from the paper's released recipe (what differs, and wh
 
 Train; the best validation `mAP_IoU_0.10_0.50_0.05_MaxDet_100` is kept as `models/model.pt`. A killed run resumes
 from `models/checkpoint_latest.pt` (the one before it is kept as `checkpoint_previous.pt` and used if the latest
-cannot be read) with its optimizer, schedule, best score and random generators: resumed at an epoch boundary with
-`num_workers` 0 it repeats the uninterrupted run exactly on CPU; loader workers' augmentations and the data order of
-an epoch interrupted midway are drawn afresh:
+cannot be read) with its optimizer, schedule, best score and random generators: resumed where a pass over the
+training data ended, with `num_workers` 0, it repeats the uninterrupted run exactly on CPU; loader workers'
+augmentations and the order of a pass interrupted midway are drawn afresh:
 
     python -m monai.bundle run --config_file "['configs/train.json','plans.json']" --dataset_dir D --data_list_file_path L
 

@@ -31,13 +31,22 @@ def _load_state_dict(obj, state) -> None:
 
 
 def _randomizable(transform) -> list:
-    """Every object with its own numpy RandomState (`R`, MONAI's Randomizable) inside a transform chain."""
-    found, stack = [], [transform]
+    """Every object with its own numpy RandomState (`R`, MONAI's Randomizable) inside a transform chain, in a fixed
+    order: the chain's transforms and the transforms they hold (a dictionary transform such as RandZoomBoxd draws
+    from an inner array transform's generator of its own)."""
+    from monai.transforms import Transform
+
+    found, seen, stack = [], set(), [transform]
     while stack:
         current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
         if isinstance(getattr(current, "R", None), np.random.RandomState):
             found.append(current)
-        stack.extend(reversed(list(getattr(current, "transforms", ()) or ())))
+        children = list(getattr(current, "transforms", ()) or ())
+        children += [value for value in getattr(current, "__dict__", {}).values() if isinstance(value, Transform)]
+        stack.extend(reversed(children))
     return found
 
 
@@ -55,10 +64,10 @@ def _numpy_tuple(state: dict) -> tuple:
 class RandomStates:
     """The random number generators a training run draws from, as one checkpointable object: torch's (CPU and,
     when present, CUDA), numpy's and Python's global generators and the own generator of every random transform in
-    `transforms` (the training chain). Restored on resume, a run continued at an epoch boundary with the data
-    loaded in the main process (``num_workers`` 0) repeats the uninterrupted run exactly on CPU. Not restored:
-    loader worker processes (re-seeded from torch's generator each epoch, so their augmentations differ after a
-    resume) and the data order inside an epoch interrupted midway (the remaining iterations draw a fresh order).
+    `transforms` (the training chain). Restored on resume, a run continued where a pass over the training data ended,
+    with the data loaded in the main process (``num_workers`` 0), repeats the uninterrupted run exactly on CPU. Not
+    restored: loader worker processes (re-seeded from torch's generator for every pass, so their augmentations
+    differ after a resume) and the order of a pass interrupted midway (its remaining batches draw a fresh order).
     """
 
     def __init__(self, transforms=None):
