@@ -263,7 +263,7 @@ def _process_alive(pid: int) -> bool:
 def _read_marker(staging: str) -> tuple[int, str] | None:
     """(pid, host) from a staging folder's marker; None when it has none or it is unreadable (killed mid-write)."""
     try:
-        with open(os.path.join(staging, PID_MARKER)) as f:
+        with open(os.path.join(staging, PID_MARKER), encoding="utf-8") as f:
             pid, host = f.read().split("\n")[:2]
         return (int(pid), host) if int(pid) > 0 else None
     except (OSError, ValueError):
@@ -301,7 +301,7 @@ def _make_staging(bundle_dir: str, name: str) -> str:
     """A fresh staging folder in `bundle_dir` (same file system: the final rename is atomic) with its pid marker."""
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=bundle_dir)
     try:
-        with open(os.path.join(staging, PID_MARKER), "w") as f:
+        with open(os.path.join(staging, PID_MARKER), "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n{socket.gethostname()}\n")
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

@@ -56,6 +56,6 @@ def run_bundle(name: str, configs: list[str], log_path: str, launcher: list[str]
         result = subprocess.run(command, cwd=bundle_dir(name), stdout=log, stderr=subprocess.STDOUT,
                                 timeout=timeout, env=env)
     if result.returncode != 0:
-        with open(log_path) as log:
+        with open(log_path, encoding="utf-8", errors="replace") as log:
             raise AssertionError(f"{' '.join(command)} failed:\n{log.read()[-5000:]}")
     return result

@@ -143,7 +143,7 @@ def test_two_process_gloo_training(dataset, tmp_path):
     saved = torch.load(run_root / "models" / "checkpoint_latest.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 6
     assert os.path.exists(run_root / "models" / "model.pt")
-    with open(tmp_path / "ddp.log") as f:
+    with open(tmp_path / "ddp.log", encoding="utf-8", errors="replace") as f:
         log = f.read()
     assert "mAP_IoU_0.10_0.50_0.05_MaxDet_100" in log
 

@@ -332,7 +332,7 @@ def test_two_process_gloo_pretraining(corpus, tmp_path):
                max_epochs=1, epoch_length=2, val_interval=1, batch_size=4)
     checkpoint = torch.load(run_root / "models" / "checkpoint_final.pth", weights_only=True)
     assert checkpoint["current_iteration"] == 2
-    with open(tmp_path / "ddp.log") as f:
+    with open(tmp_path / "ddp.log", encoding="utf-8", errors="replace") as f:
         assert "re-load into a freshly built encoder" in f.read()
 
 

@@ -45,7 +45,7 @@ def _run(command: list[str], cwd: str, log_path: str) -> None:
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        with open(log_path) as log:
+        with open(log_path, encoding="utf-8", errors="replace") as log:
             tail = log.read()[-4000:]
         raise SystemExit(f"command failed (exit {result.returncode}); last lines of {log_path}:\n{tail}")
     print(f"  done in {time.time() - start:.0f} s (log: {log_path})", flush=True)

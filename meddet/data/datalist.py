@@ -227,7 +227,7 @@ def load_datalist(data_list_file_path, dataset_dir=None, data_list_key: str = "t
     file_path = Path(data_list_file_path)
     base = Path(dataset_dir) if dataset_dir is not None else file_path.parent
     try:
-        with open(file_path) as f:
+        with open(file_path, encoding="utf-8") as f:
             content = json.load(f)
     except (OSError, ValueError) as error:
         raise DatalistError(f"datalist {file_path}: cannot be read as JSON ({error})") from error

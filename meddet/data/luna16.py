@@ -72,7 +72,7 @@ def _read_rows(path, columns: Sequence[str]) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise Luna16Error(f"{path}: file not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -146,7 +146,7 @@ def read_seriesuids(path) -> list[str]:
     if not path.is_file():
         raise Luna16Error(f"{path}: file not found")
     uids, problems = [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for line, row in enumerate(csv.reader(f), start=1):
             cells = [c.strip() for c in row if c.strip()]
             if not cells or (line == 1 and cells[0] == "seriesuid"):
@@ -320,7 +320,7 @@ def predictions_to_submission(predictions_json, output_csv, max_candidates: int 
     _raise_problems(predictions_json, problems)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(SUBMISSION_COLUMNS)
             writer.writerows([uid, repr(float(x)), repr(float(y)), repr(float(z)), repr(float(p))]

@@ -98,7 +98,7 @@ def _find_layout(raw_dir: Path) -> tuple[Path, Path]:
 
 
 def _read_description(path: Path) -> dict:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         if path.suffix == ".json":
             description = json.load(f)
         else:
@@ -151,7 +151,7 @@ def _case_annotation(case: str, image_path: Path, labels_dir: Path, class_ids: s
     if not ok:
         return None
     try:
-        with open(json_path) as f:
+        with open(json_path, encoding="utf-8") as f:
             instances = json.load(f)["instances"]
         instance_classes = {int(k): int(v) for k, v in instances.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

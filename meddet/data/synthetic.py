@@ -360,7 +360,7 @@ def generate_dataset(output_dir, preset: str = "easy", num_training: int | None 
         image, instances, affine, num_instances = synthesize_case(config, rng, case_index)
         _save_nifti(image, affine, output_dir / "imagesTr" / f"{case}_0000.nii.gz")
         _save_nifti(instances, affine, output_dir / "labelsTr" / f"{case}.nii.gz")
-        with open(output_dir / "labelsTr" / f"{case}.json", "w") as f:
+        with open(output_dir / "labelsTr" / f"{case}.json", "w", encoding="utf-8") as f:
             json.dump({"instances": {str(i): 0 for i in range(1, num_instances + 1)}}, f)
         voxel_boxes = boxes_from_instance_mask(instances)
         ids = sorted(voxel_boxes)
@@ -384,7 +384,7 @@ def generate_dataset(output_dir, preset: str = "easy", num_training: int | None 
         "modality": {"0": "CT"},
         "numTraining": num_training + num_validation,
     }
-    with open(output_dir / "dataset.json", "w") as f:
+    with open(output_dir / "dataset.json", "w", encoding="utf-8") as f:
         json.dump(description, f, indent=2)
     return write_datalist({"training": items[:num_training], "validation": items[num_training:]},
                           output_dir / "datalist.json")
@@ -446,7 +446,7 @@ def generate_luna16_like(output_dir, subsets: tuple[int, ...] = (0, 1, 2), scans
             counter += 1
 
     def write(name, table):
-        with open(output_dir / name, "w") as f:
+        with open(output_dir / name, "w", encoding="utf-8") as f:
             f.write("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
             for uid, rows in table.items():
                 f.writelines(f"{uid},{x!r},{y!r},{z!r},{d!r}\n" for x, y, z, d in rows)

@@ -271,7 +271,7 @@ class PredictionWriter:
         os.makedirs(self.output_dir, exist_ok=True)
         records = sorted(records, key=lambda r: r["image"])
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=1)
         os.replace(tmp, self.path)
         logger.info("wrote %d predictions to %s", len(records), self.path)

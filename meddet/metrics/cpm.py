@@ -154,7 +154,7 @@ def evaluate_submission(annotations, submission, excluded=None, seriesuids=None,
 
     output_dir = Path(output_dir) if output_dir is not None else Path(submission).parent
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "luna16_cpm.json", "w") as f:
+    with open(output_dir / "luna16_cpm.json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     low, high = result["cpm_ci"]
     save_froc_png(output_dir / "luna16_froc.png", result["curve_fps_per_scan"], result["curve_sensitivity"],

@@ -154,12 +154,12 @@ def evaluate_detections(
                       cpm["fp_rates"], cpm["sensitivities"],
                       f"LUNA16 rules: CPM {cpm['cpm']:.3f} ({low:.3f}-{high:.3f}), {cpm['num_scans']} scans, "
                       f"{cpm['num_nodules']} nodules", intervals=cpm["sensitivities_ci"])
-    with open(output_dir / "metrics.json", "w") as f:
+    with open(output_dir / "metrics.json", "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
 
     rows = _per_case_rows(preds, gts, ignore_regions(ground_truths, box_mode), list(image_names), iou_thresh,
                           score_thresh)
-    with open(output_dir / "per_case.csv", "w", newline="") as f:
+    with open(output_dir / "per_case.csv", "w", newline="", encoding="utf-8") as f:
         fields = list(rows[0]) if rows else ["image", "num_gt", "num_pred"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -208,7 +208,7 @@ def evaluate_files(
     base_dir = Path(os.path.abspath(dataset_dir if dataset_dir is not None else data_list_file_path.parent))
     if not predictions_json.is_file():
         raise FileNotFoundError(f"predictions file {predictions_json} does not exist")
-    with open(predictions_json) as f:
+    with open(predictions_json, encoding="utf-8") as f:
         entries = json.load(f)
     if not isinstance(entries, list):
         raise ValueError(f"{predictions_json}: expected a list of per-image prediction entries")

@@ -133,7 +133,7 @@ class PretrainingValidation:
     def run(self) -> dict:
         metrics = self.evaluate()
         os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
+        with open(os.path.join(self.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         logger.info("validation: %s", json.dumps(metrics))
         return metrics
