@@ -55,3 +55,20 @@ def test_no_detections_draws_the_middle_slice(tmp_path):
 def test_bad_image_raises(tmp_path):
     with pytest.raises(ValueError, match="image must be"):
         save_detection_png(torch.zeros(40, 30), _detections(1), tmp_path / "bad.png")
+
+
+def test_objects_hits_misses_and_false_positives_get_their_panels(tmp_path):
+    from meddet.inference.plots import _panels
+
+    truth = np.array([[10.0, 8, 5, 16, 14, 9], [30.0, 20, 12, 36, 28, 18]])
+    boxes = _detections(4)["box"].numpy().astype(np.float64)
+    scores = np.array([0.9, 0.6, 0.05, 0.4])
+    panels, summary = _panels(boxes, scores, truth, scores >= 0.5, depth=20, max_panels=6, iou_thresh=0.1)
+    # object 1 found at 0.9; object 2 only by a detection under the operating threshold 0.5: missed;
+    # the 0.6 detection matches nothing: a false positive
+    assert summary == (1, 1, 1)
+    assert [title for _, title in panels] == ["object 1: hit, score 0.90", "object 2: missed",
+                                              "false positive, score 0.60"]
+    assert [z for z, _ in panels] == [7, 15, 12]  # each object's and detection's centre slice
+    path = save_detection_png(_image(), _detections(4), tmp_path / "case.png", ground_truth={"box": torch.tensor(truth)})
+    assert matplotlib.image.imread(path).shape[1] > 2.5 * 320  # three panels side by side

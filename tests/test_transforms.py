@@ -183,3 +183,17 @@ def test_oblique_grids_are_reported_once_per_image(tmp_path, caplog):
     warnings = [r for r in caplog.records if "oblique grid" in r.getMessage()]
     assert len(warnings) == 1 and "oblique.nii.gz" in warnings[0].getMessage()
     assert "20.0 deg" in warnings[0].getMessage() and "28 % larger" in warnings[0].getMessage()
+
+
+def test_inference_keeps_ground_truth_as_voxel_boxes_for_the_pictures_only(tmp_path):
+    from meddet.data.transforms import inference_transforms
+
+    world_box = _write_case(tmp_path / "case.nii.gz", ((10, 17), (5, 14), (4, 8)))
+    item = {"image": str(tmp_path / "case.nii.gz"), "box": world_box.astype(np.float32), "label": np.array([0])}
+    args = dict(spacing=(0.9, 0.7, 2.5), **NORMALISATION)
+    inferred = inference_transforms(**args)(dict(item))
+    validated = validation_transforms(**args)(dict(item))
+    np.testing.assert_allclose(inferred["box"].numpy(), validated["box"].numpy(), atol=1e-5)
+    assert inferred["label"].tolist() == [0]
+    bare = inference_transforms(**args)({"image": item["image"]})  # a datalist without boxes, MONAI Label
+    assert "box" not in bare and "label" not in bare

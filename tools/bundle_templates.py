@@ -446,7 +446,8 @@ def inference_config(variant: dict) -> dict:
         "data_list_key": "validation",
         "save_png": False,
         "num_workers": 2,
-        "preprocessing": {"_target_": "meddet.data.transforms.inference_transforms", **_intensity_args()},
+        "preprocessing": {"_target_": "meddet.data.transforms.inference_transforms", **_intensity_args(),
+                          "affine_lps_to_ras": "@affine_lps_to_ras"},
         "dataset": {
             "_target_": "Dataset",
             "data": "$meddet.data.load_datalist(@data_list_file_path, @dataset_dir, @data_list_key, "

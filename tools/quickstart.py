@@ -38,7 +38,7 @@ def bundle_command(bundle_dir: str, configs: list[str], **overrides) -> list[str
     return command
 
 
-def _run(command: list[str], cwd: str, log_path: str) -> None:
+def _run(command: list[str], cwd: str, log_path: str) -> float:
     # printed the way one would type it: the config list in double quotes, everything else plain
     print("$ " + " ".join(f'"{c}"' if c.startswith("[") else shlex.quote(c) for c in command), flush=True)
     start = time.time()
@@ -48,7 +48,9 @@ def _run(command: list[str], cwd: str, log_path: str) -> None:
         with open(log_path, encoding="utf-8", errors="replace") as log:
             tail = log.read()[-4000:]
         raise SystemExit(f"command failed (exit {result.returncode}); last lines of {log_path}:\n{tail}")
-    print(f"  done in {time.time() - start:.0f} s (log: {log_path})", flush=True)
+    seconds = time.time() - start
+    print(f"  done in {seconds:.0f} s (log: {log_path})", flush=True)
+    return seconds
 
 
 PRETRAINED_BUNDLE = {"mae": "retinaunet_resencl_mae_detection", "simclr": "retinaunet_resencl_voco_detection"}
@@ -56,6 +58,14 @@ PRETRAINED_BUNDLE = {"mae": "retinaunet_resencl_mae_detection", "simclr": "retin
 
 def quickstart(work_dir: str = "quickstart", bundle: str | None = None, preset: str = "easy", seed: int = 0,
                init: str = "scratch") -> None:
+    """The command line: run the quickstart and print what it measured."""
+    run_quickstart(work_dir, bundle, preset, seed, init)
+
+
+def run_quickstart(work_dir: str = "quickstart", bundle: str | None = None, preset: str = "easy", seed: int = 0,
+                   init: str = "scratch") -> dict:
+    """Run the quickstart; return its wall time (total and per bundle step, seconds) and validation metrics."""
+    started = time.time()
     if init not in ("scratch", *PRETRAINED_BUNDLE):
         raise SystemExit(f"--init must be scratch, {' or '.join(PRETRAINED_BUNDLE)}; got {init!r}")
     bundle = bundle or PRETRAINED_BUNDLE.get(init, "retinaunet_resencl_scratch_detection")
@@ -82,26 +92,29 @@ def quickstart(work_dir: str = "quickstart", bundle: str | None = None, preset: 
 
     common = dict(bundle_root=run_dir, dataset_dir=data_dir, data_list_file_path=datalist)
     smoke_configs = ["configs/smoke.json", plans_path]
-    training = {}
+    training, seconds = {}, {}
     if init != "scratch":
         pretraining_dir = os.path.join(REPO_ROOT, "bundles", f"resencl_{init}_pretraining")
         pretraining_root = os.path.join(work_dir, f"pretrain_{init}")
         print(f"{next(step)}/{steps} pre-training the encoder ({init}, smoke preset) on the training images",
               flush=True)
-        _run(bundle_command(pretraining_dir, ["configs/train.json", *smoke_configs], bundle_root=pretraining_root,
-                            dataset_dir=data_dir, data_list_file_path=datalist),
-             pretraining_dir, os.path.join(work_dir, "pretrain.log"))
+        seconds["pretraining"] = _run(
+            bundle_command(pretraining_dir, ["configs/train.json", *smoke_configs], bundle_root=pretraining_root,
+                           dataset_dir=data_dir, data_list_file_path=datalist),
+            pretraining_dir, os.path.join(work_dir, "pretrain.log"))
         training["pretrained_checkpoint"] = os.path.join(pretraining_root, "models", "checkpoint_final.pth")
     print(f"{next(step)}/{steps} training (smoke preset)", flush=True)
-    _run(bundle_command(bundle_dir, ["configs/train.json", *smoke_configs], **common, **training), bundle_dir,
-         os.path.join(work_dir, "train.log"))
+    seconds["training"] = _run(bundle_command(bundle_dir, ["configs/train.json", *smoke_configs], **common, **training),
+                               bundle_dir, os.path.join(work_dir, "train.log"))
     print(f"{next(step)}/{steps} evaluating the best checkpoint on the validation split", flush=True)
-    _run(bundle_command(bundle_dir, ["configs/train.json", "configs/evaluate.json", *smoke_configs], **common),
-         bundle_dir, os.path.join(work_dir, "evaluate.log"))
+    seconds["evaluation"] = _run(
+        bundle_command(bundle_dir, ["configs/train.json", "configs/evaluate.json", *smoke_configs], **common),
+        bundle_dir, os.path.join(work_dir, "evaluate.log"))
     print(f"{next(step)}/{steps} inference on the validation images", flush=True)
-    _run(bundle_command(bundle_dir, ["configs/inference.json", *smoke_configs], save_png=True,
-                        output_dir=os.path.join(run_dir, "inference"), **common),
-         bundle_dir, os.path.join(work_dir, "inference.log"))
+    seconds["inference"] = _run(
+        bundle_command(bundle_dir, ["configs/inference.json", *smoke_configs], save_png=True,
+                       output_dir=os.path.join(run_dir, "inference"), **common),
+        bundle_dir, os.path.join(work_dir, "inference.log"))
 
     with open(os.path.join(run_dir, "eval", "metrics.json")) as f:
         metrics = json.load(f)
@@ -112,6 +125,12 @@ def quickstart(work_dir: str = "quickstart", bundle: str | None = None, preset: 
     print(f"metrics:     {os.path.join(run_dir, 'eval', 'metrics.json')}")
     print(f"predictions: {os.path.join(run_dir, 'inference', 'predictions.json')}")
     print(f"PNGs:        {os.path.join(run_dir, 'inference', 'png')}")
+    total = time.time() - started
+    print(f"wall time    {total // 60:.0f} min {total % 60:.0f} s")
+    return {"init": init, "bundle": bundle, "seconds": round(total, 1),
+            "step_seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "ap_0.1": metrics["AP_IoU_0.10_MaxDet_100"], "map": metrics["mAP_IoU_0.10_0.50_0.05_MaxDet_100"],
+            "froc": metrics["froc_score"]}
 
 
 if __name__ == "__main__":

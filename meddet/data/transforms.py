@@ -91,8 +91,8 @@ class BoxesWorldToVoxeld(MapTransform):
     """
 
     def __init__(self, box_keys: KeysCollection, image_key: str = "image", affine_lps_to_ras: bool = False,
-                 to_world: bool = False):
-        super().__init__(box_keys)
+                 to_world: bool = False, allow_missing_keys: bool = False):
+        super().__init__(box_keys, allow_missing_keys)
         self.image_key = image_key
         self.affine_lps_to_ras = affine_lps_to_ras
         self.to_world = to_world
@@ -358,11 +358,18 @@ def inference_transforms(
     intensity_clip: Sequence[float],
     intensity_mean: float,
     intensity_std: float,
+    affine_lps_to_ras: bool = False,
 ) -> Compose:
-    """Whole volumes without ground truth; the image keeps its MetaTensor affine for `postprocessing`."""
+    """Whole volumes; the image keeps its MetaTensor affine for `postprocessing`. Ground truth, when a datalist used
+    for inference carries it, comes along as voxel boxes for the PNGs only: detection never reads it."""
     chain = loading_transforms(spacing, intensity_clip, intensity_mean, intensity_std, with_boxes=False)
-    # a datalist used for inference may carry ground truth; it stays out of the prediction path
-    return Compose([*chain, DeleteItemsd(keys=["box", "label"])])
+    return Compose([
+        *chain,
+        BoxesWorldToVoxeld(box_keys="box", image_key="image", affine_lps_to_ras=affine_lps_to_ras,
+                           allow_missing_keys=True),
+        EnsureTyped(keys="label", dtype=torch.long, track_meta=False, allow_missing_keys=True),
+        DeleteItemsd(keys=["ignore_box", "diameter_mm"]),
+    ])
 
 
 def postprocessing(affine_lps_to_ras: bool = False, score_thresh: float = 0.0, pred_box_key: str = "box") -> Compose:

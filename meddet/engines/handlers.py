@@ -260,7 +260,7 @@ class PredictionWriter:
     def _png(self, image, prediction: dict, target: dict | None, source: str) -> None:
         stem = image_stem(source) or f"case_{len(self.records)}"
         save_detection_png(image.detach().cpu(), prediction, os.path.join(self.output_dir, "png", f"{stem}.png"),
-                           ground_truth=target, score_min=self.png_score_min)
+                           ground_truth=target, score_min=self.png_score_min, name=stem)
 
     def _write(self, engine: Engine) -> None:
         records = self.records

@@ -1,4 +1,5 @@
-"""Quick-look PNG of detections: one axial slice per detection with its box, ground truth alongside.
+"""Quick-look PNG of one case: ground truth and detections in different colours on the slice through each object,
+hits, misses and false positives counted at an operating threshold.
 
 Drawn with matplotlib's object API (a `Figure` rendered by the Agg canvas), so it never opens a window
 and never changes pyplot's global backend.
@@ -49,24 +50,78 @@ def _draw_box(axes, box, colour, style="-"):
                              edgecolor=colour, linewidth=1.5, linestyle=style))
 
 
+def _iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    if len(boxes) == 0 or len(others) == 0:
+        return np.zeros((len(boxes), len(others)))
+    from monai.data.box_utils import box_iou
+
+    return np.asarray(box_iou(boxes, others), dtype=np.float64)
+
+
+def _match(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou_thresh: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching by descending score: (detection -> object index or -1, object -> detection or -1)."""
+    iou = _iou(boxes, truth)
+    detection_hit = np.full(len(boxes), -1)
+    object_found = np.full(len(truth), -1)
+    for index in np.argsort(-scores, kind="stable"):
+        candidates = np.where((iou[index] >= iou_thresh) & (object_found < 0), iou[index], -1.0)
+        if len(candidates) and candidates.max() >= iou_thresh:
+            target = int(np.argmax(candidates))
+            detection_hit[index], object_found[target] = target, index
+    return detection_hit, object_found
+
+
+def _centre_slice(box: np.ndarray, depth: int) -> int:
+    return int(np.clip(math.floor((box[2] + box[5]) / 2), 0, depth - 1))
+
+
+def _panels(boxes, scores, truth, operating, depth, max_panels, iou_thresh):
+    """(slice, title) per panel: every object (hit or missed) at its centre slice, then the false positives at the
+    operating threshold; without ground truth, the highest-scoring detections."""
+    panels = []
+    if len(truth):
+        hit, found = _match(boxes[operating], scores[operating], truth, iou_thresh)
+        kept = np.flatnonzero(operating)
+        for index, box in enumerate(truth):
+            title = (f"object {index + 1}: hit, score {scores[kept[found[index]]]:.2f}" if found[index] >= 0
+                     else f"object {index + 1}: missed")
+            panels.append((_centre_slice(box, depth), title))
+        for local in np.argsort(-scores[operating], kind="stable"):
+            if hit[local] < 0:
+                panels.append((_centre_slice(boxes[kept[local]], depth), f"false positive, score {scores[kept[local]]:.2f}"))
+        summary = (int((found >= 0).sum()), int((found < 0).sum()), int((hit < 0).sum()))
+    else:
+        for index in np.argsort(-scores, kind="stable")[:max_panels]:
+            panels.append((_centre_slice(boxes[index], depth), f"detection, score {scores[index]:.2f}"))
+        summary = None
+    return panels[:max(1, int(max_panels))], summary
+
+
 def save_detection_png(image, detections: dict, path, ground_truth: dict | None = None, max_panels: int = 6,
-                       score_min: float = 0.1) -> str:
-    """Write a PNG with one panel per detection (highest score first) and return its path.
+                       score_min: float = 0.1, score_thresh: float = 0.5, iou_thresh: float = 0.1,
+                       name: str | None = None) -> str:
+    """Write a PNG of one case's detections and return its path.
 
     Args:
         image: [C, X, Y, Z] (the first channel is shown) or [X, Y, Z], tensor or array.
         detections: dict with "box" [N, 6] voxel `xyzxyz` and "label_scores" [N] (optional "label" [N]).
         path: output file; missing folders are created.
-        ground_truth: optional dict with "box" [M, 6] voxel `xyzxyz`; boxes crossing a panel's slice are
-            drawn dashed in green.
-        max_panels: at most this many detections are shown.
-        score_min: detections scoring below this are not shown.
+        ground_truth: optional dict with "box" [M, 6] voxel `xyzxyz` (dashed green).
+        max_panels: at most this many panels.
+        score_min: detections scoring below this are not drawn.
+        score_thresh: the operating threshold of the summary: detections at or above it count as hits (IoU >=
+            `iou_thresh` with an object not found yet, by descending score) or false positives.
+        name: the case's name in the summary line (default: the file name).
 
-    Each panel is the axial slice through the box centre (array axis 0 horizontal, axis 1 vertical, voxel i
-    spanning [i, i + 1) so boxes sit on the voxels they cover), intensity clipped to the 0.5-99.5
-    percentile window; without any detection to show, the middle slice is drawn with "no detections".
+    With ground truth, one panel per object (the axial slice through its centre, titled hit with the matching
+    score, or missed), then one per false positive at the operating threshold; the figure's title counts hits,
+    misses and false positives. Without it, one panel per detection, highest score first. Every panel draws the
+    objects (dashed green) and detections (red, score written at the box) crossing its slice, with a legend (array
+    axis 0 horizontal, axis 1 vertical, voxel i spanning [i, i + 1) so boxes sit on the voxels they cover),
+    intensity clipped to the 0.5-99.5 percentile window; a case with nothing to show gets its middle slice.
     """
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     volume = _numpy(image)
     if volume.ndim == 4:
@@ -81,34 +136,46 @@ def save_detection_png(image, detections: dict, path, ground_truth: dict | None 
     if not len(boxes) == len(scores) == len(labels):
         raise ValueError(f"save_detection_png: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
     truth = np.zeros((0, 6)) if ground_truth is None else _numpy(ground_truth["box"]).reshape(-1, 6).astype(np.float64)
-
-    shown = [i for i in np.argsort(-scores, kind="stable") if scores[i] >= score_min][:max(0, int(max_panels))]
+    drawn = scores >= score_min
     depth = volume.shape[2]
-    panels = [(int(np.clip(math.floor((boxes[i, 2] + boxes[i, 5]) / 2), 0, depth - 1)), i) for i in shown]
+    panels, summary = _panels(boxes[drawn], scores[drawn], truth, scores[drawn] >= score_thresh, depth, max_panels,
+                              iou_thresh)
     if not panels:
-        panels = [(depth // 2, None)]
+        panels = [(depth // 2, "no detections")]
 
     low, high = _intensity_window(volume)
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(_PANEL_INCHES * columns, _PANEL_INCHES * rows), dpi=100)
+    figure = Figure(figsize=(_PANEL_INCHES * columns, _PANEL_INCHES * rows + 0.7), dpi=100)
     extent = (0, volume.shape[0], 0, volume.shape[1])
-    for panel, (z, index) in enumerate(panels):
+    for panel, (z, title) in enumerate(panels):
         axes = figure.add_subplot(rows, columns, panel + 1)
         axes.imshow(volume[:, :, z].T, cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent,
                     interpolation="nearest")
         for box in _boxes_crossing(truth, z):
             _draw_box(axes, box, _TRUTH_COLOUR, "--")
-        if index is None:
-            axes.set_title(f"no detections (z={z})", fontsize=9)
-        else:
+        crossing = [i for i in np.flatnonzero(drawn) if boxes[i, 2] <= z + 0.5 < boxes[i, 5]]
+        for index in crossing:
             _draw_box(axes, boxes[index], _PREDICTION_COLOUR)
-            axes.set_title(f"score {scores[index]:.2f}  label {int(labels[index])}  z={z}", fontsize=9)
+            axes.text(boxes[index, 0], boxes[index, 4] + 0.5, f"{scores[index]:.2f}", color=_PREDICTION_COLOUR,
+                      fontsize=7, va="bottom")
+        axes.set_title(f"{title} (z={z})", fontsize=8)
         axes.set_xlim(0, volume.shape[0])
         axes.set_ylim(0, volume.shape[1])
         axes.set_xticks([])
         axes.set_yticks([])
-    figure.tight_layout()
+    case = name or os.path.basename(os.fspath(path))
+    if summary is not None:
+        heading = (f"{case}: {summary[0]} hit(s), {summary[1]} missed, {summary[2]} false positive(s) at score >= "
+                   f"{score_thresh:g} (IoU >= {iou_thresh:g})")
+    else:
+        heading = f"{case}: {int((scores >= score_thresh).sum())} detection(s) at score >= {score_thresh:g}"
+    figure.suptitle(heading, fontsize=9)
+    handles = [Line2D([], [], color=_PREDICTION_COLOUR, label=f"prediction (score >= {score_min:g}, score at box)")]
+    if ground_truth is not None:
+        handles.insert(0, Line2D([], [], color=_TRUTH_COLOUR, linestyle="--", label="ground truth"))
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.95))
     path = os.fspath(path)
     folder = os.path.dirname(path)
     if folder:
