@@ -43,7 +43,7 @@ def _suite() -> tuple[float, str]:
 
 def paragraph(scratch: dict, mae: dict, suite: tuple[float, str] | None, machine: str, date: str) -> str:
     steps = scratch["step_seconds"]
-    text = (f"Measured on {date} on {machine} with the dependencies already installed: the first command's "
+    text = (f"Measured on {date} on {machine}, with the dependencies already installed: the first command's "
             f"quickstart took {_minutes(scratch['seconds'])} (training {steps['training']:.0f} s, evaluation "
             f"{steps['evaluation']:.0f} s, inference {steps['inference']:.0f} s) and printed AP@0.1 "
             f"{scratch['ap_0.1']:.3f}, mAP {scratch['map']:.3f}, FROC {scratch['froc']:.3f}; `--init mae` took "
