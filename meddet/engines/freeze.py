@@ -8,29 +8,17 @@ from typing import List
 from ignite.engine import Engine, Events
 from torch import nn
 
+from meddet.pretrained.nnssl import unwrap, wrapper_chain
+
 logger = logging.getLogger(__name__)
 
 
 def _is_distributed(network: nn.Module) -> bool:
-    while True:
-        if isinstance(network, nn.parallel.DistributedDataParallel):
-            return True
-        inner = getattr(network, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(network, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return False
-        network = inner
+    return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in wrapper_chain(network))
 
 
 def _encoder(network: nn.Module) -> nn.Module:
-    while True:  # DistributedDataParallel / DataParallel / torch.compile wrappers
-        inner = getattr(network, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(network, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        network = inner
+    network = unwrap(network)  # DistributedDataParallel / DataParallel / torch.compile wrappers
     encoder = getattr(network, "encoder", None)
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"FreezeEncoder: {type(network).__name__} has no 'encoder' submodule to freeze")

@@ -234,15 +234,22 @@ def adapt_input_channels(
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def wrapper_chain(network: nn.Module) -> list[nn.Module]:
+    """`network` and every module it wraps: DistributedDataParallel / DataParallel (`.module`), torch.compile
+    (`._orig_mod`), outermost first."""
+    chain = [network]
+    while True:
+        inner = getattr(chain[-1], "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(chain[-1], "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return chain
+        chain.append(inner)
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    while True:
-        inner = getattr(network, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(network, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return network
-        network = inner
+    return wrapper_chain(network)[-1]
 
 
 def detector_encoder(network: nn.Module) -> nn.Module:
