@@ -61,7 +61,8 @@ STALE_UNMARKED_S = 3600  # age after which a staging folder without a pid marker
 CHUNK_BYTES = 1 << 20
 PID_MARKER = "pid"
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
-_ENTRY = re.compile(r"^(?P<name>.+)_v(?P<version>\d+(\.\d+)*)$")
+#: an index key `<name>_v<version>` (shared with tools/package.py, which writes the index)
+INDEX_ENTRY = _ENTRY = re.compile(r"^(?P<name>.+)_v(?P<version>\d+(\.\d+)*)$")
 _VERSION_FORMAT = "a dotted number such as 0.1.0 (digits separated by dots, no suffix such as -rc1)"
 
 

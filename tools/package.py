@@ -40,13 +40,14 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 import tempfile
 import zipfile
 
 import fire
 import yaml
+
+from meddet import hub
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
@@ -61,15 +62,9 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
 ZIP_FILE_MODE = 0o100644  # regular file, rw-r--r--
 ZIP_COMPRESS_LEVEL = 9
 NEVER_PACKED_FOLDERS = ("models", "eval")  # trained weights, downloaded checkpoints, evaluation outputs
-_VERSION = re.compile(r"^\d+(\.\d+)*$")
-_ENTRY = re.compile(r"^(?P<name>.+)_v(?P<version>\d+(\.\d+)*)$")
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Numeric sort key of a dotted version ("0.10.0" > "0.9.0"); raises on anything else."""
-    if not _VERSION.match(str(version)):
-        raise ValueError(f"version {version!r} is not a dotted number such as 0.1.0")
-    return tuple(int(part) for part in str(version).split("."))
+# one version grammar for writing and reading the index: the downloader's
+_ENTRY = hub.INDEX_ENTRY
+version_key = hub.version_key
 
 
 def zip_name(name: str, version: str) -> str:

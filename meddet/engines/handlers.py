@@ -15,19 +15,18 @@ from ignite.engine import Engine, Events
 
 from meddet.data.image_io import image_stem
 from meddet.inference.plots import save_detection_png
+from meddet.pretrained.nnssl import unwrap
 from meddet.metrics.report import evaluate_files
 
 logger = logging.getLogger(__name__)
 
 
 def _state_dict(obj):
-    module = getattr(obj, "module", None)  # DistributedDataParallel / DataParallel wrappers
-    return (module if isinstance(module, torch.nn.Module) else obj).state_dict()
+    return unwrap(obj).state_dict()  # the model inside DistributedDataParallel / DataParallel / torch.compile
 
 
 def _load_state_dict(obj, state) -> None:
-    module = getattr(obj, "module", None)
-    (module if isinstance(module, torch.nn.Module) else obj).load_state_dict(state)
+    unwrap(obj).load_state_dict(state)
 
 
 def _randomizable(transform) -> list:
