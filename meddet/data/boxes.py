@@ -62,3 +62,11 @@ def boxes_voxel_to_world(boxes_xyzxyz, affine):
     world_centres = centres @ a[:3, :3].T + a[:3, 3]
     world_sizes = sizes @ np.abs(a[:3, :3]).T
     return _like(np.concatenate([world_centres, world_sizes], axis=1), boxes_xyzxyz)
+
+
+def flip_lps_ras(values, width: int = 6) -> np.ndarray:
+    """World points (N, 3) or `cccwhd` boxes (N, 6) between LPS and RAS: the two frames differ by the sign of the
+    first two world axes (sizes are unchanged), so the map is its own inverse. Returns a float64 copy."""
+    flipped = np.array(values, dtype=np.float64, copy=True).reshape(-1, width)
+    flipped[:, :2] *= -1
+    return flipped

@@ -65,8 +65,8 @@ def _ras_affine(direction: np.ndarray, spacing, origin) -> np.ndarray:
     return affine
 
 
-def _itk_header(path) -> tuple[tuple[int, ...], np.ndarray]:
-    """(shape in index order x, y, z[, components], RAS affine) of an ITK-readable file, header only."""
+def _itk_image_io(path):
+    """ITK's reader of `path` with the header read (no voxel data)."""
     import itk
 
     io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
@@ -74,6 +74,12 @@ def _itk_header(path) -> tuple[tuple[int, ...], np.ndarray]:
         raise OSError(f"no reader (nibabel or ITK) for {path}")
     io.SetFileName(str(path))
     io.ReadImageInformation()
+    return io
+
+
+def _itk_header(path) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape in index order x, y, z[, components], RAS affine) of an ITK-readable file, header only."""
+    io = _itk_image_io(path)
     ndim = io.GetNumberOfDimensions()
     shape = tuple(int(io.GetDimensions(i)) for i in range(ndim))
     if io.GetNumberOfComponents() > 1:
@@ -352,11 +358,8 @@ def has_non_finite(path) -> bool:
     else:
         import itk
 
-        io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
-        if io is not None:
-            io.SetFileName(str(path))
-            io.ReadImageInformation()
-            if io.GetComponentTypeAsString(io.GetComponentType()) in _ITK_INTEGER_TYPES:
-                return False  # integer voxels cannot be NaN/Inf: a whole CT need not be read for that
+        io = _itk_image_io(path)
+        if io.GetComponentTypeAsString(io.GetComponentType()) in _ITK_INTEGER_TYPES:
+            return False  # integer voxels cannot be NaN/Inf: a whole CT need not be read for that
         data = itk.array_view_from_image(itk.imread(str(path)))
     return data.dtype.kind in "fc" and not bool(np.isfinite(data).all())

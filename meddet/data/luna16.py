@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meddet.data.boxes import flip_lps_ras
 from meddet.data.datalist import write_datalist
 from meddet.data.image_io import image_stem, metaimage_data_problem
 
@@ -34,7 +35,6 @@ __all__ = [
     "build_fold_datalists",
     "excluded_diameters",
     "find_scans",
-    "lps_to_ras",
     "predictions_to_submission",
     "read_annotations",
     "read_seriesuids",
@@ -58,13 +58,6 @@ def _raise_problems(path, problems: list[str]) -> None:
         if len(problems) > _MAX_REPORTED:
             shown.append(f"... and {len(problems) - _MAX_REPORTED} more")
         raise Luna16Error(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
-
-
-def lps_to_ras(points) -> np.ndarray:
-    """World points (N, 3) between LPS and RAS (the map is its own inverse)."""
-    points = np.array(points, dtype=np.float64, copy=True).reshape(-1, 3)
-    points[:, :2] *= -1
-    return points
 
 
 def _read_rows(path, columns: Sequence[str]) -> list[tuple[int, dict]]:
@@ -191,7 +184,7 @@ def find_scans(luna_dir) -> dict[str, tuple[int, str]]:
 
 
 def _cube(centre_lps, diameter: float) -> list[float]:
-    x, y, z = lps_to_ras(centre_lps)[0]
+    x, y, z = flip_lps_ras(centre_lps, width=3)[0]
     return [float(x), float(y), float(z), float(diameter), float(diameter), float(diameter)]
 
 
@@ -315,7 +308,7 @@ def predictions_to_submission(predictions_json, output_csv, max_candidates: int 
             problems.append(f"{where}: non-finite box or score values")
             continue
         order = np.argsort(-scores, kind="mergesort")[:max_candidates]
-        centres = lps_to_ras(boxes[order, :3])
+        centres = flip_lps_ras(boxes[order, :3], width=3)
         rows += [(uid, *centre, score) for centre, score in zip(centres, scores[order])]
     _raise_problems(predictions_json, problems)
 

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from meddet.data.boxes import boxes_voxel_to_world
+from meddet.data.boxes import boxes_voxel_to_world, flip_lps_ras
 from meddet.data.datalist import write_datalist
 from meddet.data.nndet import boxes_from_instance_mask
 
@@ -436,12 +436,12 @@ def generate_luna16_like(output_dir, subsets: tuple[int, ...] = (0, 1, 2), scans
             rows = []
             for instance in sorted(voxel_boxes):
                 world = boxes_voxel_to_world(voxel_boxes[instance][None], affine)[0]
-                rows.append([-float(world[0]), -float(world[1]), float(world[2]), float(np.mean(world[3:]))])
+                rows.append([*flip_lps_ras(world[:3], width=3)[0].tolist(), float(np.mean(world[3:]))])
             nodules[uid] = [row for i, row in enumerate(rows) if i % 3 != 2]
             excluded[uid] = [row for i, row in enumerate(rows) if i % 3 == 2]
             if index == 1:  # an excluded finding without a diameter, away from the lesions
                 centre = boxes_voxel_to_world(np.array([[1.0, 1.0, 1.0, 3.0, 3.0, 3.0]]), affine)[0]
-                excluded[uid].append([-float(centre[0]), -float(centre[1]), float(centre[2]), -1.0])
+                excluded[uid].append([*flip_lps_ras(centre[:3], width=3)[0].tolist(), -1.0])
             subset_of[uid] = subset
             counter += 1
 

@@ -43,7 +43,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from meddet.data.boxes import IGNORE_LABEL, boxes_voxel_to_world, boxes_world_to_voxel
+from meddet.data.boxes import IGNORE_LABEL, boxes_voxel_to_world, boxes_world_to_voxel, flip_lps_ras
 from meddet.data.image_io import ImageFormatError
 from meddet.data.score_filter import SelectDetectionsByScored
 
@@ -51,13 +51,6 @@ logger = logging.getLogger(__name__)
 
 # Orientationd warns in MONAI 1.6 unless the axis labels are explicit (the default changes later).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def _lps_to_ras(boxes_cccwhd: np.ndarray) -> np.ndarray:
-    """LPS and RAS differ by the sign of the first two world axes; sizes are unchanged."""
-    boxes = np.array(boxes_cccwhd, dtype=np.float64, copy=True).reshape(-1, 6)
-    boxes[:, :2] *= -1
-    return boxes
 
 
 _OBLIQUE_WARNED: set = set()
@@ -105,9 +98,9 @@ class BoxesWorldToVoxeld(MapTransform):
             boxes = torch.as_tensor(d[key]).detach().cpu().double().reshape(-1, 6).numpy()
             if self.to_world:
                 boxes = boxes_voxel_to_world(boxes, affine)
-                boxes = _lps_to_ras(boxes) if self.affine_lps_to_ras else boxes
+                boxes = flip_lps_ras(boxes) if self.affine_lps_to_ras else boxes
             else:
-                boxes = _lps_to_ras(boxes) if self.affine_lps_to_ras else boxes
+                boxes = flip_lps_ras(boxes) if self.affine_lps_to_ras else boxes
                 boxes = boxes_world_to_voxel(boxes, affine)
             d[key] = torch.as_tensor(boxes, dtype=torch.float32)
         return d
