@@ -56,7 +56,31 @@ def test_full_size_encoder_parameters_and_forward_shapes():
     assert [tuple(t.shape) for t in out["box_regression"]] == [
         (1, 27 * 6, 64 // s, 64 // s, 64 // s) for s in (4, 8, 16, 32)
     ]
-    assert tuple(out["segmentation"].shape) == (1, 2, 64, 64, 64)
+    assert "segmentation" not in out  # eval mode skips the branch nothing at inference reads
+    net.segmentation_at_inference = True
+    with torch.no_grad():
+        assert tuple(net(torch.randn(1, 1, 64, 64, 64))["segmentation"].shape) == (1, 2, 64, 64, 64)
+
+
+def test_inference_without_segmentation_gives_the_same_detection_maps_and_skips_the_fine_pyramid():
+    net = tiny_net().eval()
+    calls = []
+    for level, lateral in enumerate(net.fpn.lateral):
+        lateral.register_forward_hook(lambda module, args, output, level=level: calls.append(level))
+    x = torch.randn(2, 1, 16, 24, 32)
+    with torch.no_grad():
+        plain = net(x)
+        skipped_levels = [level for level in range(4) if level not in calls]
+        calls.clear()
+        net.segmentation_at_inference = True
+        full = net(x)
+    assert skipped_levels == [0, 1] and sorted(calls) == [0, 1, 2, 3]
+    assert "segmentation" not in plain and tuple(full["segmentation"].shape) == (2, 2, 16, 24, 32)
+    for key in ("classification", "box_regression"):
+        for got, want in zip(plain[key], full[key]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="subset of output_levels"):
+        net.fpn(net.encoder(x), levels=(1,))
 
 
 def test_tiny_network_shapes_strides_and_fpn_channels():

@@ -26,8 +26,9 @@ dynamic batch and spatial axes (`--converter_kwargs "{'input_names': ['image'], 
 {'image': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}}}"`).
 
 Output layouts (eval mode, what inference needs):
-    Retina U-Net: `(classification_0, ..., classification_{L-1}, box_regression_0, ..., box_regression_{L-1},
-        segmentation)`, shapes as in `RetinaUNet.forward` (L = number of detection levels).
+    Retina U-Net: `(classification_0, ..., classification_{L-1}, box_regression_0, ..., box_regression_{L-1})`,
+        shapes as in `RetinaUNet.forward` (L = number of detection levels), followed by `segmentation` only for
+        a network built with `segmentation_at_inference=True` (the branch is skipped in eval mode otherwise).
     Deformable DETR: `(pred_logits [B, Q, K], pred_boxes [B, Q, 6])` of the last decoder layer; the auxiliary
         and two-stage proposal outputs only serve the training losses and are left out.
 `tuple_to_network_outputs` turns such a tuple back into the network's dict (without the left-out entries).
@@ -60,7 +61,8 @@ def network_outputs_to_tuple(outputs: dict) -> Tuple[torch.Tensor, ...]:
                 f"network_outputs_to_tuple: {len(classification)} classification maps but {len(regression)} "
                 "box_regression maps; a Retina U-Net gives one of each per detection level"
             )
-        return (*classification, *regression, outputs["segmentation"])
+        segmentation = (outputs["segmentation"],) if outputs.get("segmentation") is not None else ()
+        return (*classification, *regression, *segmentation)
     if "pred_logits" in outputs and "pred_boxes" in outputs:
         return outputs["pred_logits"], outputs["pred_boxes"]
     raise ValueError(
@@ -75,16 +77,16 @@ def tuple_to_network_outputs(
     """The export tuple of `family` (`"retina_unet"` or `"deformable_detr"`) -> the network's output dict."""
     outputs = list(outputs)
     if family == RETINA_UNET:
-        if len(outputs) < 3 or len(outputs) % 2 == 0:
+        if len(outputs) < 2:
             raise ValueError(
-                f"tuple_to_network_outputs: a Retina U-Net export gives 2 * levels + 1 tensors, got {len(outputs)}"
+                "tuple_to_network_outputs: a Retina U-Net export gives 2 * levels tensors (+ 1 with segmentation), "
+                f"got {len(outputs)}"
             )
-        levels = (len(outputs) - 1) // 2
-        return {
-            "classification": outputs[:levels],
-            "box_regression": outputs[levels:2 * levels],
-            "segmentation": outputs[-1],
-        }
+        levels = len(outputs) // 2
+        rebuilt = {"classification": outputs[:levels], "box_regression": outputs[levels:2 * levels]}
+        if len(outputs) % 2:
+            rebuilt["segmentation"] = outputs[-1]
+        return rebuilt
     if family == DEFORMABLE_DETR:
         if len(outputs) != 2:
             raise ValueError(

@@ -101,14 +101,21 @@ class UNetFPN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    def forward(self, features: Sequence[torch.Tensor], levels: Optional[Sequence[int]] = None
+                ) -> List[Optional[torch.Tensor]]:
+        """`levels`: the output levels to compute (default: all of `output_levels`). The top-down pass stops at
+        the finest of them, so the full-resolution work of a level nobody asked for is not done."""
         if len(features) != len(self.lateral):
             raise ValueError(f"UNetFPN: expected {len(self.lateral)} feature maps, got {len(features)}")
+        wanted = self.output_levels if levels is None else tuple(int(level) for level in levels)
+        if not wanted or any(level not in self.output_levels for level in wanted):
+            raise ValueError(f"UNetFPN: levels {wanted} must be a non-empty subset of output_levels "
+                             f"{self.output_levels}")
         pyramid: List[Optional[torch.Tensor]] = [None] * len(features)
         merged = None
-        for level in range(len(features) - 1, -1, -1):
+        for level in range(len(features) - 1, min(wanted) - 1, -1):
             lateral = self.lateral[level](features[level])
             merged = lateral if merged is None else lateral + self.up[level](merged)
-            if str(level) in self.output:
+            if level in wanted:
                 pyramid[level] = self.output[str(level)](merged)
         return pyramid

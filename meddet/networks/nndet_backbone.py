@@ -183,6 +183,7 @@ def retina_unet_nndet(
     head_convs: int = DEFAULT_HEAD_CONVS,
     head_channels: Optional[int] = None,
     num_seg_classes: int = 2,
+    segmentation_at_inference: bool = False,
 ) -> RetinaUNet:
     """Retina U-Net on nnDetection's native conv encoder, from plain (JSON-friendly) values.
 
@@ -209,4 +210,5 @@ def retina_unet_nndet(
         head_convs=head_convs,
         num_seg_classes=num_seg_classes,
         head_channels=head_channels,
+        segmentation_at_inference=segmentation_at_inference,
     )

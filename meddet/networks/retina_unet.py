@@ -41,6 +41,9 @@ class RetinaUNet(nn.Module):
     `"box_regression"`: list of `[B, A*6, x_l, y_l, z_l]`,
     `"segmentation"`: `[B, num_seg_classes, X, Y, Z]` logits. Channels are anchor-major
     (view as `[B, A, K, ...]` / `[B, A, 6, ...]`).
+    The segmentation branch only trains the network (its loss); detection never reads it. In eval mode it is
+    skipped, and with it the top-down pyramid below the first detection level (13 % of a ResEnc-L forward),
+    unless `segmentation_at_inference` is True; the dict then has no "segmentation" entry.
 
     Attributes: `encoder` (kept under this name so pre-trained `encoder.stem...` / `encoder.stages...` keys
     load), `fpn`, `classification_head`, `regression_head`, `segmentation_head`, `level_strides` (all levels),
@@ -58,6 +61,7 @@ class RetinaUNet(nn.Module):
         head_convs: int = DEFAULT_HEAD_CONVS,
         num_seg_classes: int = 2,
         head_channels: Optional[int] = None,
+        segmentation_at_inference: bool = False,
     ):
         super().__init__()
         encoder_channels, level_strides = encoder_levels(encoder, "RetinaUNet")
@@ -106,6 +110,7 @@ class RetinaUNet(nn.Module):
             fpn_channels, num_anchors, len(detection_levels), num_convs=head_convs, channels=head_channels
         )
         self.segmentation_head = SegmentationHead(self.fpn_out_channels[0], num_seg_classes)
+        self.segmentation_at_inference = bool(segmentation_at_inference)
 
     def forward(self, x: torch.Tensor) -> Dict[str, Union[torch.Tensor, List[torch.Tensor]]]:
         if x.ndim != 5:
@@ -114,13 +119,16 @@ class RetinaUNet(nn.Module):
         features = self.encoder(x)
         if not isinstance(features, (list, tuple)):
             raise TypeError("RetinaUNet: the encoder must return a list of per-stage maps (return_skips=True)")
-        pyramid = self.fpn(features)
+        with_segmentation = self.training or self.segmentation_at_inference
+        pyramid = self.fpn(features, ((0,) if with_segmentation else ()) + self.detection_levels)
         detection_maps = [pyramid[level] for level in self.detection_levels]
-        return {
+        outputs = {
             "classification": self.classification_head(detection_maps),
             "box_regression": self.regression_head(detection_maps),
-            "segmentation": self.segmentation_head(pyramid[0]),
         }
+        if with_segmentation:
+            outputs["segmentation"] = self.segmentation_head(pyramid[0])
+        return outputs
 
 
 def retina_unet_resenc(
@@ -137,6 +145,7 @@ def retina_unet_resenc(
     head_convs: int = DEFAULT_HEAD_CONVS,
     head_channels: Optional[int] = None,
     num_seg_classes: int = 2,
+    segmentation_at_inference: bool = False,
 ) -> RetinaUNet:
     """Retina U-Net on a ResEnc encoder from plain (JSON-friendly) values; defaults give the paper's ResEnc-L.
 
@@ -159,4 +168,5 @@ def retina_unet_resenc(
         head_convs=head_convs,
         num_seg_classes=num_seg_classes,
         head_channels=head_channels,
+        segmentation_at_inference=segmentation_at_inference,
     )
