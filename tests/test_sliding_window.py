@@ -73,6 +73,7 @@ class CubeFinder:
 
     def __call__(self, patches):
         self.patches_seen += len(patches)
+        self.shapes_seen = getattr(self, "shapes_seen", set()) | {tuple(patches.shape[2:])}
         detections = []
         for patch in patches:
             assert tuple(patch.shape[1:]) == self.roi_size
@@ -131,6 +132,25 @@ def test_list_of_different_sizes_with_padding():
     assert box_iou(results[0]["box"][:1], first_truth).item() > 0.9
     assert box_iou(results[1]["box"][:1], second_truth).item() > 0.9
     assert (results[1]["box"][:, 3:] <= torch.tensor([20.0, 45, 12])).all()  # cropped back to the volume
+
+
+def test_tiles_shrink_to_short_axes_rounded_to_the_stride():
+    # 12 slices under a 32-voxel window: with size_divisible 8 the tile is 16 deep instead of 32; x and y are
+    # longer than the window and keep it. The asymmetric box must come back in place through every mirror.
+    image, truth = _volume_with_cube((50, 40, 12), (3, 20, 2), (12, 24, 9))
+    inferer = SlidingWindowBoxInferer(ROI, overlap=0.5, mirror_axes=(0, 1, 2), size_divisible=8)
+    assert inferer.tile_size((50, 40, 12)) == (32, 32, 16)
+    assert inferer.tile_size((50, 40, 40)) == ROI and inferer.tile_size((7, 33, 32)) == (16, 32, 32)
+    assert inferer.tile_size((17, 33, 32)) == (24, 32, 32)
+    finder = CubeFinder((32, 32, 16))
+    result = inferer([image], finder)[0]
+    assert finder.shapes_seen == {(32, 32, 16)}
+    assert torch.allclose(result["box"][:1], truth)
+    padded = SlidingWindowBoxInferer(ROI, overlap=0.5, mirror_axes=(0, 1, 2))([image], CubeFinder())[0]
+    torch.testing.assert_close(result["box"][:1], padded["box"][:1])
+    torch.testing.assert_close(result["label_scores"][:1], padded["label_scores"][:1])
+    with pytest.raises(ValueError, match="size_divisible"):
+        SlidingWindowBoxInferer(ROI, size_divisible=(8, 8))
 
 
 def test_no_detections_and_bad_predictor_output():

@@ -27,6 +27,7 @@ IMPORTS = [
     "$import meddet.engines",
     "$import meddet.engines.freeze",
     "$import meddet.metrics",
+    "$import meddet.networks",
     "$import meddet.pretrained",
 ]
 
@@ -168,6 +169,8 @@ def common_keys(variant: dict) -> dict:
             "pad_value": "$(@intensity_clip[0] - @intensity_mean) / @intensity_std",
         },
     }
+    if not is_detr(variant):  # fully convolutional: short axes get a tile of their own length, not a padded one
+        keys["inferer"]["size_divisible"] = "$meddet.networks.total_stride(@encoder_strides)"
     keys.update(detector_keys(variant))
     keys.update({
         "detector_ops": [],

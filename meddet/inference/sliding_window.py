@@ -2,8 +2,11 @@
 
 Steps for each image (channel-first `[C, X, Y, Z]`, boxes `xyzxyz` in voxels):
 
-1. pad the volume at its far end up to the window size where it is smaller, and place tiles as MONAI's
-   sliding window does (step ``int(roi * (1 - overlap))``, the last tile aligned to the volume end);
+1. choose the tile: the window size, except along an axis where the volume is shorter than the window and
+   `size_divisible` is set: there the tile is the volume's length rounded up to a multiple of it (a fully
+   convolutional network accepts any such size, and the padding it saves was compute spent on no image); pad the volume at its far
+   end up to the tile where it is smaller, and place tiles as MONAI's sliding window does (step
+   ``int(tile * (1 - overlap))``, the last tile aligned to the volume end);
 2. run the predictor on every tile and every mirror combination over `mirror_axes` (identity included,
    so 3 axes give 8 passes), `sw_batch_size` patches at a time;
 3. flip boxes back (``x' = W - x`` for both corners over a size-W axis, min and max swapped), clip them to
@@ -125,6 +128,11 @@ class SlidingWindowBoxInferer:
             None weights every box 1.
         pad_value: value used to pad volumes smaller than the tile.
         device: where patches are sent for the predictor; None keeps each image's device.
+        size_divisible: None: every tile has size `roi_size`. An int or one int per axis (a fully
+            convolutional predictor's total stride): along an axis where the volume is shorter than
+            `roi_size`, the tile shrinks to the volume's length rounded up to a multiple of it (at least two
+            multiples, never more than `roi_size`). A 96-slice
+            volume under a 128-voxel window costs 96/128 of the padded pass.
 
     Call: ``inferer(images, predictor) -> list of {"box" [M, 6] float, "label" [M] long,
     "label_scores" [M] float}`` on the CPU, boxes `xyzxyz` in voxels of each full volume.
@@ -149,6 +157,7 @@ class SlidingWindowBoxInferer:
         border_sigma_scale: float | None = 0.8,
         pad_value: float = 0.0,
         device: str | torch.device | None = None,
+        size_divisible: int | Sequence[int] | None = None,
     ):
         self.roi_size = tuple(int(r) for r in roi_size)
         if any(r < 1 for r in self.roi_size):
@@ -170,6 +179,22 @@ class SlidingWindowBoxInferer:
         self.border_sigma_scale = border_sigma_scale
         self.pad_value = float(pad_value)
         self.device = device
+        if size_divisible is None:
+            self.size_divisible = None
+        else:
+            divisors = (size_divisible,) * dims if isinstance(size_divisible, int) else tuple(size_divisible)
+            if len(divisors) != dims or any(int(d) < 1 for d in divisors):
+                raise ValueError(f"SlidingWindowBoxInferer: size_divisible must be a positive int or {dims} positive "
+                                 f"ints, got {size_divisible!r}")
+            self.size_divisible = tuple(int(d) for d in divisors)
+
+    def tile_size(self, image_size: Sequence[int]) -> tuple[int, ...]:
+        """The tile used on a volume of `image_size` (see `size_divisible`)."""
+        if self.size_divisible is None:
+            return self.roi_size
+        # at least two strides deep, so the deepest map of a stride-d network keeps more than one voxel
+        return tuple(r if s >= r else min(r, max(-(-int(s) // d) * d, 2 * d))
+                     for s, r, d in zip(image_size, self.roi_size, self.size_divisible))
 
     def mirror_combinations(self) -> list[tuple[int, ...]]:
         """Every subset of `mirror_axes` (the empty one is the plain pass)."""
@@ -192,12 +217,13 @@ class SlidingWindowBoxInferer:
             raise ValueError(f"SlidingWindowBoxInferer: image {index} must be a tensor [C, {dims} spatial], "
                              f"got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
         image_size = tuple(image.shape[1:])
+        tile = self.tile_size(image_size)
         device = self.device if self.device is not None else image.device
-        padding = [max(0, r - s) for s, r in zip(image_size, self.roi_size)]
+        padding = [max(0, r - s) for s, r in zip(image_size, tile)]
         if any(padding):
             pad = [p for amount in reversed(padding) for p in (0, amount)]  # F.pad lists the last axis first
             image = F.pad(image, pad, mode="constant", value=self.pad_value)
-        origins = tile_origins(image_size, self.roi_size, self.overlap)
+        origins = tile_origins(image_size, tile, self.overlap)
         mirrors = self.mirror_combinations()
         jobs = [(origin, mirror) for origin in origins for mirror in mirrors]
 
@@ -206,7 +232,7 @@ class SlidingWindowBoxInferer:
             batch_jobs = jobs[first:first + self.sw_batch_size]
             patches = []
             for origin, mirror in batch_jobs:
-                patch = image[(slice(None),) + tuple(slice(o, o + r) for o, r in zip(origin, self.roi_size))]
+                patch = image[(slice(None),) + tuple(slice(o, o + r) for o, r in zip(origin, tile))]
                 if mirror:
                     patch = torch.flip(patch, dims=[a + 1 for a in mirror])
                 patches.append(patch)
@@ -217,14 +243,14 @@ class SlidingWindowBoxInferer:
                                  f"of length {len(predictions) if hasattr(predictions, '__len__') else '?'}")
             for (origin, mirror), prediction in zip(batch_jobs, predictions):
                 tile_boxes, tile_scores, tile_labels, tile_weights = self._tile_to_volume(
-                    prediction, origin, mirror, image_size)
+                    prediction, origin, mirror, image_size, tile)
                 boxes.append(tile_boxes)
                 scores.append(tile_scores)
                 labels.append(tile_labels)
                 weights.append(tile_weights)
 
         boxes, scores, labels, weights = torch.cat(boxes), torch.cat(scores), torch.cat(labels), torch.cat(weights)
-        expected = len(mirrors) * _mean_coverage(boxes, _tile_coverage(image_size, self.roi_size, origins))
+        expected = len(mirrors) * _mean_coverage(boxes, _tile_coverage(image_size, tile, origins))
         merged_boxes, merged_scores, merged_labels = weighted_box_clustering(
             boxes, scores, labels, weights=weights, iou_thresh=self.wbc_iou_thresh,
             score_thresh=self.score_thresh, num_expected=expected)
@@ -232,7 +258,7 @@ class SlidingWindowBoxInferer:
         return {"box": merged_boxes[keep].float(), "label": merged_labels[keep].long(),
                 "label_scores": merged_scores[keep].float()}
 
-    def _tile_to_volume(self, prediction, origin, mirror, image_size):
+    def _tile_to_volume(self, prediction, origin, mirror, image_size, tile_size):
         """One patch's detections -> (boxes in the volume, scores, labels, tile weights), all on the CPU."""
         dims = len(self.roi_size)
         for key in ("box", "label", "label_scores"):
@@ -247,11 +273,11 @@ class SlidingWindowBoxInferer:
             raise ValueError(f"SlidingWindowBoxInferer: prediction has {boxes.shape[0]} boxes, {scores.shape[0]} "
                              f"scores and {labels.shape[0]} labels")
         for axis in mirror:  # a box [lo, hi) in a mirrored patch of width W was [W - hi, W - lo)
-            width = self.roi_size[axis]
+            width = tile_size[axis]
             boxes[:, [axis, axis + dims]] = width - boxes[:, [axis + dims, axis]]
-        tile = torch.as_tensor(self.roi_size, dtype=torch.float32)
+        tile = torch.as_tensor(tile_size, dtype=torch.float32)
         boxes = torch.minimum(boxes.clamp(min=0), torch.cat([tile, tile]))
-        weights = box_tile_weights(boxes, self.roi_size, origin, image_size, self.border_sigma_scale)
+        weights = box_tile_weights(boxes, tile_size, origin, image_size, self.border_sigma_scale)
         shift = torch.as_tensor(origin, dtype=torch.float32)
         limit = torch.as_tensor(image_size, dtype=torch.float32)
         boxes = torch.minimum(boxes + torch.cat([shift, shift]), torch.cat([limit, limit]))

@@ -9,6 +9,7 @@ from meddet.networks.nndet_backbone import NNDET_BACKBONE, NNDetEncoder, retina_
 from meddet.networks.position_encoding import PositionEmbeddingSine3D, sine_embedding
 from meddet.networks.resenc import RESENC_L, build_resenc_encoder
 from meddet.networks.retina_unet import RetinaUNet, fpn_channels_per_level, retina_unet_resenc
+from meddet.networks.strides import total_stride
 
 __all__ = [
     "RESENC_L",
@@ -30,4 +31,5 @@ __all__ = [
     "NNDET_BACKBONE",
     "NNDetEncoder",
     "retina_unet_nndet",
+    "total_stride",
 ]

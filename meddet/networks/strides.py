@@ -25,6 +25,11 @@ def cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]], owner
     return cumulative
 
 
+def total_stride(stage_strides: Sequence[Union[int, Sequence[int]]]) -> int:
+    """The stride of the deepest level (bundle configs give it to the sliding window as `size_divisible`)."""
+    return cumulative_strides(stage_strides, "total_stride")[-1]
+
+
 def encoder_levels(encoder, owner: str) -> tuple[List[int], List[int]]:
     """(channels, cumulative isotropic stride) of every level of an encoder that returns one map per stage and
     exposes `output_channels` and `strides` (like dynamic-network-architectures' ResidualEncoder)."""
