@@ -14,6 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.apps.detection.transforms.array import SpatialCropBox
 from monai.apps.detection.transforms.dictionary import (
     ClipBoxToImaged,
     RandCropBoxByPosNegLabeld,
@@ -40,8 +41,11 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Lambdad,
     Spacing,
+    SpatialCrop,
     SpatialPadd,
 )
+from monai.transforms.utils import correct_crop_centers
+from monai.utils import fall_back_tuple
 
 from meddet.data.boxes import IGNORE_LABEL, boxes_voxel_to_world, boxes_world_to_voxel, flip_lps_ras
 from meddet.data.image_io import ImageFormatError
@@ -128,20 +132,84 @@ class MergeIgnoreBoxesd(MapTransform):
 
 
 class RandCropTargetBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
-    """MONAI's positive/negative box-aware crop, with positive patches drawn around objects only: ignore regions
-    (label `IGNORE_LABEL`) are cropped along with the objects but never chosen as a patch's object (a negative
-    patch may hold one; the detectors take no loss there)."""
+    """MONAI's positive/negative box-aware crop with the same sampling distribution, drawn from the boxes alone.
+
+    Positive patches hold a whole object (`whole_box=True`): the crop centre is uniform over the union of the
+    objects' centre regions (MONAI's `generate_fg_center_boxes_np`); negative centres are uniform over the voxels
+    outside that union; both are then moved into the image as MONAI does. MONAI rasterises every centre region
+    into a whole-volume mask and lists its voxel indices for every patch, then deep-copies the whole sample per
+    patch: 0.5 s per 128^3 patch of a 450x450x190 CT on one thread, 85 % of the patch's cost. Here a positive
+    centre is drawn by rejection (a region chosen by its volume, a voxel in it, kept with probability one over
+    the number of regions holding it: exactly uniform over the union), a negative one by drawing voxels until
+    one lies outside every region; only the patch is copied. When the regions leave (almost) no voxel outside
+    them, the negative draw lists the voxels outside them.
+
+    Ignore regions (label `IGNORE_LABEL`) are cropped along with the objects but never chosen as a patch's
+    object (a negative patch may hold one; the detectors take no loss there).
+    """
+
+    NEGATIVE_TRIES = 256
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
-        labels = torch.as_tensor(np.asarray(data[self.label_keys[0]])).reshape(-1)
-        self._targets = (labels != IGNORE_LABEL).numpy()
-        return super().__call__(data)
+        d = dict(data)
+        image_size = tuple(d[self.image_keys[0]].shape[1:])
+        self.spatial_size = fall_back_tuple(self.spatial_size_, image_size)
+        boxes = torch.as_tensor(np.asarray(d[self.box_keys])).reshape(-1, 2 * len(image_size))
+        labels = torch.as_tensor(np.asarray(d[self.label_keys[0]])).reshape(-1)
+        targets = boxes[labels != IGNORE_LABEL].numpy()
+        regions = (self.generate_fg_center_boxes_np(targets, image_size) if len(targets)
+                   else np.zeros((0, 2 * len(image_size)), dtype=int))
+        self.centers = self._draw_centers(regions, image_size)
+        results = []
+        for center in self.centers:
+            start = [max(int(c) - s // 2, 0) for c, s in zip(center, self.spatial_size)]
+            slices = [slice(a, min(a + s, size)) for a, s, size in zip(start, self.spatial_size, image_size)]
+            patch = dict(d)
+            for key in self.image_keys:
+                patch[key] = SpatialCrop(roi_slices=slices)(d[key]).clone()  # not a view into the cached volume
+            patch[self.box_keys], cropped = SpatialCropBox(roi_slices=slices)(d[self.box_keys],
+                                                                              [d[key] for key in self.label_keys])
+            for key, value in zip(self.label_keys, cropped):
+                patch[key] = value
+            results.append(patch)
+        return results
 
-    def generate_fg_center_boxes_np(self, boxes, image_size: Sequence[int]) -> np.ndarray:
-        targets = getattr(self, "_targets", None)
-        if targets is not None and len(targets) == len(boxes):
-            boxes = boxes[torch.as_tensor(targets) if isinstance(boxes, torch.Tensor) else targets]
-        return super().generate_fg_center_boxes_np(boxes, image_size)
+    def _draw_centers(self, regions: np.ndarray, image_size: Sequence[int]) -> tuple:
+        """`num_samples` crop centres from the integer centre regions [N, 6] (`[start, stop)` per axis)."""
+        dims = len(image_size)
+        lo, hi = regions[:, :dims], regions[:, dims:]
+        volumes = np.prod(hi - lo, axis=1).astype(np.float64)
+        centers = []
+        for _ in range(self.num_samples):
+            # MONAI draws the coin even when one side is empty (no objects: always negative)
+            positive = self.R.rand() < self.pos_ratio and len(regions) > 0
+            center = self._positive_center(lo, hi, volumes) if positive else self._negative_center(lo, hi, image_size)
+            if center is None:  # no voxel lies outside the regions: MONAI then crops positive patches only
+                center = self._positive_center(lo, hi, volumes)
+            centers.append(correct_crop_centers(center.tolist(), self.spatial_size, image_size, self.allow_smaller))
+        return tuple(centers)
+
+    def _positive_center(self, lo: np.ndarray, hi: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+        while True:  # each draw is kept with probability >= 1 / number of regions
+            region = self.R.choice(len(volumes), p=volumes / volumes.sum())
+            voxel = self.R.randint(lo[region], hi[region])
+            holders = np.all((lo <= voxel) & (voxel < hi), axis=1).sum()
+            if self.R.rand() < 1.0 / holders:
+                return voxel
+
+    def _negative_center(self, lo: np.ndarray, hi: np.ndarray, image_size: Sequence[int]) -> np.ndarray | None:
+        for _ in range(self.NEGATIVE_TRIES):
+            voxel = self.R.randint(0, image_size)
+            if not np.all((lo <= voxel) & (voxel < hi), axis=1).any():
+                return voxel
+        # the regions cover most of the image: list the voxels outside them (small images only get here)
+        outside = np.ones(tuple(image_size), dtype=bool)
+        for start, stop in zip(lo, hi):
+            outside[tuple(slice(a, b) for a, b in zip(start, stop))] = False
+        indices = np.flatnonzero(outside)
+        if len(indices) == 0:
+            return None
+        return np.array(np.unravel_index(indices[self.R.randint(len(indices))], tuple(image_size)))
 
 
 class CheckedLoadImaged(LoadImaged):
