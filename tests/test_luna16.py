@@ -301,8 +301,11 @@ def test_luna16_end_to_end(luna, tmp_path):
     configs = ["configs/smoke.json", str(lists / "luna16_overrides.json")]
     common = dict(bundle_root=str(tmp_path / "run"), dataset_dir=luna_dir,
                   data_list_file_path=str(lists / "luna16_fold0.json"))
+    # training and evaluation read the preprocessed scans from a disk cache, memory-mapped
     run_bundle(bundle, ["configs/train.json", *configs], str(tmp_path / "train.log"), max_epochs=2, epoch_length=6,
-               val_interval=2, **common)
+               val_interval=2, cache_dir=str(tmp_path / "cache"), **common)
+    cached = [name for name in os.listdir(tmp_path / "cache") if name.endswith(".pt")]
+    assert len(cached) == len(luna["truth"]["subset_of"])  # 8 training + 4 validation scans
     run_bundle(bundle, ["configs/inference.json", *configs], str(tmp_path / "inference.log"),
                output_dir=str(tmp_path / "inference"), save_png=True, **common)
     # one PNG per scan, named by its seriesuid (dots and all)
@@ -322,6 +325,6 @@ def test_luna16_end_to_end(luna, tmp_path):
 
     # the bundle's own evaluation reports the same CPM from predictions.json and the datalist
     run_bundle(bundle, ["configs/train.json", "configs/evaluate.json", *configs], str(tmp_path / "evaluate.log"),
-               output_dir=str(tmp_path / "eval"), **common)
+               output_dir=str(tmp_path / "eval"), cache_dir=str(tmp_path / "cache"), **common)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["luna16_cpm"] == pytest.approx(cpm, abs=1e-4)
