@@ -4,7 +4,7 @@ Every bundle's JSON references this package by full dotted path; `require_versio
 each bundle's `initialize` so that a missing or outdated installation fails before any work is done.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 def _as_tuple(version: str) -> tuple[int, ...]:

@@ -105,7 +105,8 @@ def _monai_positive_share(crop, image_size, boxes, pos):
     share = 0.0
     for indices, weight in zip(map_binary_to_indices(mask), (pos, 1 - pos)):
         voxels = np.stack(np.unravel_index(np.asarray(indices), image_size), axis=1)
-        low, high = correct_crop_centers([0] * 3, PATCH, image_size), correct_crop_centers([10**6] * 3, PATCH, image_size)
+        low = correct_crop_centers([0] * 3, PATCH, image_size)
+        high = correct_crop_centers([10**6] * 3, PATCH, image_size)
         origins = np.clip(voxels, low, high) - np.array(PATCH) // 2
         world = np.asarray(boxes)
         inside = ((world[None, :, :3] >= origins[:, None]) & (world[None, :, 3:] <= origins[:, None] + PATCH)).all(2)

@@ -311,6 +311,8 @@ def train_config(variant: dict) -> dict:
         "augment": True,
         "num_workers": 4,
         "cache_rate": 1.0,
+        # "" keeps preprocessed volumes in RAM; a folder keeps them on disk, memory-mapped (meddet.data.cache)
+        "cache_dir": "",
         **recipe(variant),
         **pretrained_keys(variant),
         "lr_scheduler": {
@@ -332,10 +334,11 @@ def train_config(variant: dict) -> dict:
                 "augment": "@augment",
             },
             "dataset": {
-                "_target_": "CacheDataset",
+                "_target_": "meddet.data.cache.cached_dataset",
                 "data": _datalist("training"),
                 "transform": "@train#preprocessing",
                 "cache_rate": "@cache_rate",
+                "cache_dir": "@cache_dir",
                 "num_workers": "@num_workers",
             },
             "dataloader": {
@@ -382,10 +385,11 @@ def train_config(variant: dict) -> dict:
                 "affine_lps_to_ras": "@affine_lps_to_ras",
             },
             "dataset": {
-                "_target_": "CacheDataset",
+                "_target_": "meddet.data.cache.cached_dataset",
                 "data": _datalist("validation"),
                 "transform": "@validate#preprocessing",
                 "cache_rate": "@cache_rate",
+                "cache_dir": "@cache_dir",
                 "num_workers": "@num_workers",
             },
             "dataloader": {

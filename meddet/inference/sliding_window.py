@@ -4,9 +4,9 @@ Steps for each image (channel-first `[C, X, Y, Z]`, boxes `xyzxyz` in voxels):
 
 1. choose the tile: the window size, except along an axis where the volume is shorter than the window and
    `size_divisible` is set: there the tile is the volume's length rounded up to a multiple of it (a fully
-   convolutional network accepts any such size, and the padding it saves was compute spent on no image); pad the volume at its far
-   end up to the tile where it is smaller, and place tiles as MONAI's sliding window does (step
-   ``int(tile * (1 - overlap))``, the last tile aligned to the volume end);
+   convolutional network accepts any such size, and the padding it saves was compute spent on no image);
+   pad the volume at its far end up to the tile where it is smaller, and place tiles as MONAI's sliding
+   window does (step ``int(tile * (1 - overlap))``, the last tile aligned to the volume end);
 2. run the predictor on every tile and every mirror combination over `mirror_axes` (identity included,
    so 3 axes give 8 passes), `sw_batch_size` patches at a time;
 3. flip boxes back (``x' = W - x`` for both corners over a size-W axis, min and max swapped), clip them to
