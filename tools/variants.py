@@ -217,6 +217,12 @@ RECIPE_DIFFERENCES = {
          "release divides by an EMA of that number (beta 0.7, bias correction over 5000 steps)",
          "not implemented yet; the EMA smooths the loss scale of batches with few positives (4 patches of 128^3)"),
         _IN_PLANE_ROTATION,
+        ("an axis of a volume shorter than the 128-voxel window is tiled at its own length rounded up to 32; the "
+         "release pads it to the window",
+         "no network time on padding (a 96-slice volume costs 96/128 of the padded pass); on 16 synthetic volumes "
+         "thinner than the smoke window the smoke model scored AP@0.1 0.109 this way and 0.029 with padded windows "
+         "(both low: it was trained on thicker volumes); an override file with `{\"inferer#size_divisible\": null}` "
+         "restores the padding"),
     ],
     "defdetr": [
         ("no weight decay on norms and biases",
@@ -242,6 +248,24 @@ def recipe_differences(variant: dict) -> list[tuple[str, str]]:
     """The (difference, reason) lines of a detection bundle, in the order its README lists them."""
     family = "defdetr" if variant["family"].startswith("defdetr") else "retinaunet"
     return RECIPE_DIFFERENCES[family] + RECIPE_DIFFERENCES_BY_INITIALISATION.get(variant["initialisation"], [])
+
+
+# Speed figures the bundle READMEs quote: `python tools/benchmark.py` (1 thread, interleaved rounds, medians) on
+# this project's 2-core AMD EPYC machine, 2026-12-06; no GPU was available for GPU figures.
+MEASURED_SPEED = {
+    "machine": "one thread of a 2-core AMD EPYC machine",
+    "loader_patches_per_s": 21.4,  # 128^3, every augmentation, cached 450x450x190 CT
+    "loader_disk_cache_patches_per_s": 18.7,  # the same, memory-mapped from cache_dir (page cache warm)
+    "loader_monai_crop_patches_per_s": 1.09,  # the same chain with MONAI's RandCropBoxByPosNegLabeld
+    "zoo_volume": "192x192x96",
+    "inference_vs_zoo_ratio": 1.05,  # Retina U-Net ResEnc-L, no TTA, beside the model zoo RetinaNet (44.3 s, 42.1 s)
+    # the same with 0.3.x inference (padded windows, segmentation computed): 79.6 s vs 41.5 s, in one run where the
+    # current inference measured 1.03x
+    "inference_vs_zoo_ratio_before": 1.92,
+    "one_window_vs_zoo_ratio": 0.57,  # on 128x128x64, one window
+    "tta_cost": 7.9,  # 8 mirror passes / 1, per volume (128x128x64, full network: 56.4 s vs 7.1 s)
+    "whole_volume_ap": (0.975, 0.559),  # smoke model's AP@0.1: patch-size tiles, whole-volume windows
+}
 
 
 # Which pre-training bundle makes the small checkpoint a pre-trained detection bundle's smoke preset starts from
