@@ -64,6 +64,10 @@ def replace_measured(readme: str, text: str) -> str:
 
 
 def main(work_dir: str = "readme_run", suite: bool = False, dry_run: bool = False) -> str:
+    if os.path.isdir(work_dir) and os.listdir(work_dir):
+        # a quickstart resumes from the checkpoints it finds there, and a resumed run times nothing
+        raise SystemExit(f"work_dir {work_dir} is not empty: give a new or empty folder so that every run starts from "
+                         "scratch")
     scratch = run_quickstart(os.path.join(work_dir, "scratch"))
     mae = run_quickstart(os.path.join(work_dir, "mae"), init="mae")
     suite_figures = _suite() if suite else None
