@@ -87,9 +87,9 @@ def network_def(variant: dict) -> dict:
     if "encoder_blocks" in spec["network"]:
         config["blocks_per_stage"] = "@encoder_blocks"
     if is_detr(variant):
-        config.update({"num_queries": "@num_queries", "feature_levels": "@detection_levels", "d_model": "@d_model",
+        config.update({"num_queries": "@num_queries", "detection_levels": "@detection_levels", "d_model": "@d_model",
                        "num_encoder_layers": "@num_encoder_layers", "num_decoder_layers": "@num_decoder_layers",
-                       "n_heads": "@num_heads", "n_points": "@num_points", "dim_feedforward": "@dim_feedforward"})
+                       "num_heads": "@num_heads", "num_points": "@num_points", "dim_feedforward": "@dim_feedforward"})
     else:
         config.update({"num_anchors": "@num_anchors", "detection_levels": "@detection_levels",
                        "fpn_channels": "@fpn_channels", "head_convs": "@head_convs"})

@@ -295,7 +295,9 @@ _V040_DETECTION = ("meddet 0.4.0: the training crop draws MONAI's positive/negat
                    "boxes alone (no whole-volume mask or copy per patch: 14x the patches/s per loader worker on a "
                    "450x450x190 CT); cache_dir keeps preprocessed volumes on disk, memory-mapped, instead of in RAM; "
                    "Retina U-Net skips its segmentation branch at inference and tiles axes shorter than the window "
-                   "at their own length (size_divisible), and its export tuple has no segmentation map")
+                   "at their own length (size_divisible), and its export tuple has no segmentation map; the "
+                   "Deformable DETR network_def takes detection_levels, num_heads and num_points (were "
+                   "feature_levels, n_heads, n_points), the names of the keys that set them")
 _V012_PRETRAINING = "meddet 0.4.0; this bundle computes the same as in 0.1.0"
 
 
