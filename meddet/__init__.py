@@ -4,15 +4,21 @@ Every bundle's JSON references this package by full dotted path; `require_versio
 each bundle's `initialize` so that a missing or outdated installation fails before any work is done.
 """
 
+import re
+
 __version__ = "0.4.0"
 
 
-def _as_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(version).split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+VERSION_PATTERN = r"\d+(\.\d+)*"
+_VERSION = re.compile(rf"^{VERSION_PATTERN}$")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Numeric sort key of a dotted version: "0.10.0" -> (0, 10, 0), so 0.10.0 sorts after 0.9.0; anything that is
+    not digits separated by dots is an error."""
+    if not _VERSION.match(str(version)):
+        raise ValueError(f"version {version!r} is not a dotted number such as 0.1.0")
+    return tuple(int(part) for part in str(version).split("."))
 
 
 def require_version(minimum: str) -> bool:
@@ -20,7 +26,8 @@ def require_version(minimum: str) -> bool:
 
     Versions compare numerically (0.10.0 > 0.9.0), never as strings.
     """
-    if _as_tuple(__version__) < _as_tuple(minimum):
+    # a source checkout's local part ("0.4.0+abc") does not change what it provides
+    if version_key(__version__.split("+", 1)[0]) < version_key(minimum):
         raise RuntimeError(
             f"this bundle needs meddet >= {minimum}, but meddet {__version__} is installed "
             f"(from {__file__}); install a newer meddet (pip install -e . in the collection's repository)"

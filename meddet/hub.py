@@ -52,6 +52,8 @@ import urllib.request
 import zipfile
 import zlib
 
+from meddet import VERSION_PATTERN, version_key
+
 INDEX_ENV = "MEDDET_BUNDLE_INDEX"
 DOWNLOAD_TIMEOUT_S = 60
 MAX_ARCHIVE_BYTES = 1 << 30  # download cap of an index entry without "size"
@@ -60,9 +62,9 @@ MAX_EXPANSION_RATIO = 200  # extraction cap relative to the archive size
 STALE_UNMARKED_S = 3600  # age after which a staging folder without a pid marker counts as abandoned
 CHUNK_BYTES = 1 << 20
 PID_MARKER = "pid"
-_VERSION = re.compile(r"^\d+(\.\d+)*$")
+_VERSION = re.compile(rf"^{VERSION_PATTERN}$")
 #: an index key `<name>_v<version>` (shared with tools/package.py, which writes the index)
-INDEX_ENTRY = _ENTRY = re.compile(r"^(?P<name>.+)_v(?P<version>\d+(\.\d+)*)$")
+INDEX_ENTRY = _ENTRY = re.compile(rf"^(?P<name>.+)_v(?P<version>{VERSION_PATTERN})$")
 _VERSION_FORMAT = "a dotted number such as 0.1.0 (digits separated by dots, no suffix such as -rc1)"
 
 
@@ -76,13 +78,6 @@ class _TooLarge(Exception):
     def __init__(self, received: int):
         super().__init__(received)
         self.received = received
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Numeric sort key of a dotted version: "0.10.0" -> (0, 10, 0), so 0.10.0 sorts after 0.9.0."""
-    if not _VERSION.match(str(version)):
-        raise ValueError(f"version {version!r} is not a dotted number such as 0.1.0")
-    return tuple(int(part) for part in str(version).split("."))
 
 
 def _is_url(location: str) -> bool:

@@ -113,7 +113,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_module_initialisation():
-    attention = MultiScaleDeformableAttention3D(d_model=32, n_levels=3, n_heads=8, n_points=4)
+    attention = MultiScaleDeformableAttention3D(d_model=32, n_levels=3, num_heads=8, num_points=4)
     assert torch.count_nonzero(attention.attention_weights.weight) == 0
     assert torch.count_nonzero(attention.attention_weights.bias) == 0  # uniform attention at start
     assert torch.count_nonzero(attention.sampling_offsets.weight) == 0
@@ -136,7 +136,7 @@ def test_module_reads_the_reference_voxel_when_offsets_are_zero():
     torch.manual_seed(0)
     shapes = [(4, 2, 3), (2, 1, 3)]
     starts, total = level_starts(shapes)
-    attention = MultiScaleDeformableAttention3D(d_model=8, n_levels=2, n_heads=2, n_points=3)
+    attention = MultiScaleDeformableAttention3D(d_model=8, n_levels=2, num_heads=2, num_points=3)
     with torch.no_grad():
         attention.sampling_offsets.bias.zero_()
     tokens = torch.randn(1, total, 8)

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 TINY = dict(
     features_per_stage=(8, 16, 32, 32), strides=(2, 2, 2, 2), blocks_per_stage=(1, 1, 1, 1),
-    feature_levels=(1, 2, 3), d_model=32, num_encoder_layers=1, num_decoder_layers=1, n_heads=4, n_points=2,
+    detection_levels=(1, 2, 3), d_model=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, num_points=2,
     dim_feedforward=64, num_queries=6,
 )
 BOX = torch.tensor([[9.0, 11.0, 7.0, 21.0, 19.0, 17.0]])  # 12 x 8 x 10 voxels inside a 32^3 patch
@@ -121,8 +121,8 @@ def test_single_stage_variant_and_input_checks():
         net(torch.randn(1, 1, 40, 32, 32))
     with pytest.raises(ValueError, match=r"\[B, C, X, Y, Z\]"):
         net(torch.randn(1, 32, 32, 32))
-    with pytest.raises(ValueError, match="feature_levels"):
-        deformable_detr_resenc(**dict(TINY, feature_levels=(2, 4)))
+    with pytest.raises(ValueError, match="detection_levels"):
+        deformable_detr_resenc(**dict(TINY, detection_levels=(2, 4)))
     with pytest.raises(ValueError, match="num_queries 600 exceeds"):
         deformable_detr_resenc(**dict(TINY, num_queries=600))(torch.randn(1, 1, 32, 32, 32))
 

@@ -14,6 +14,7 @@ from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou, convert_box_mode
 
+from meddet.data import DatalistError
 import meddet.metrics.ignite_metric as ignite_metric_module
 from meddet.metrics import (
     DetectionMAP,
@@ -332,6 +333,13 @@ def test_evaluate_files_matches_by_path(tmp_path):
 
     (tmp_path / "predictions.json").write_text(json.dumps(entries[1:]))  # drops case_4
     with pytest.raises(ValueError, match=r"no prediction entry for image .*case_4\.nii\.gz"):
+        evaluate_files(tmp_path / "predictions.json", dataset / "datalist.json", tmp_path / "out",
+                       class_names=CLASSES)
+
+    # the datalist is read by the same validating reader as training: a malformed box names its item
+    datalist["validation"][1]["box"] = [[1.0, 2.0, 3.0, 4.0, 5.0]]
+    (dataset / "datalist.json").write_text(json.dumps(datalist))
+    with pytest.raises(DatalistError, match=r"datalist\.json[\s\S]*validation.*1"):
         evaluate_files(tmp_path / "predictions.json", dataset / "datalist.json", tmp_path / "out",
                        class_names=CLASSES)
 

@@ -48,7 +48,7 @@ SIZES = {
     # the smoke presets' networks and patch, on a volume like the easy synthetic set
     "smoke": dict(patch=(32, 32, 32), batch=4, volume=(64, 64, 48), zoo_volume=(128, 128, 64), networks={
         "retinaunet": dict(**SMOKE_ENCODER, detection_levels=[2, 3], fpn_channels=32, head_convs=1),
-        "defdetr": dict(**SMOKE_ENCODER, feature_levels=[1, 2, 3], d_model=32, n_heads=4, dim_feedforward=128,
+        "defdetr": dict(**SMOKE_ENCODER, detection_levels=[1, 2, 3], d_model=32, num_heads=4, dim_feedforward=128,
                         num_encoder_layers=2, num_decoder_layers=2, num_queries=12),
     }),
     # the paper's networks at a CPU-feasible patch (64^3 instead of 128^3)

@@ -49,6 +49,8 @@ GENERIC_PLAN_INTENSITY = {
     "intensity_mean": -450.0,
     "intensity_std": 420.0,
 }
+PATCH_SIZE = (128, 128, 128)  # the release's training patch and inference window
+TRAIN_BATCH_SIZE = 4
 GENERIC_PLAN = {"spacing": [0.8, 0.8, 2.0], **GENERIC_PLAN_INTENSITY}
 GENERIC_PLAN_ANCHORS = {
     "anchor_shapes": [[w, h, d] for w in (4, 8, 14) for h in (4, 8, 14) for d in (2, 4, 6)],
@@ -85,9 +87,9 @@ def network_def(variant: dict) -> dict:
     if "encoder_blocks" in spec["network"]:
         config["blocks_per_stage"] = "@encoder_blocks"
     if is_detr(variant):
-        config.update({"num_queries": "@num_queries", "feature_levels": "@detection_levels", "d_model": "@d_model",
+        config.update({"num_queries": "@num_queries", "detection_levels": "@detection_levels", "d_model": "@d_model",
                        "num_encoder_layers": "@num_encoder_layers", "num_decoder_layers": "@num_decoder_layers",
-                       "n_heads": "@num_heads", "n_points": "@num_points", "dim_feedforward": "@dim_feedforward"})
+                       "num_heads": "@num_heads", "num_points": "@num_points", "dim_feedforward": "@dim_feedforward"})
     else:
         config.update({"num_anchors": "@num_anchors", "detection_levels": "@detection_levels",
                        "fpn_channels": "@fpn_channels", "head_convs": "@head_convs"})
@@ -154,7 +156,7 @@ def common_keys(variant: dict) -> dict:
         "in_channels": 1,
         "affine_lps_to_ras": False,
         **GENERIC_PLAN,
-        "patch_size": [128, 128, 128],
+        "patch_size": list(PATCH_SIZE),
         "encoder_features": network["encoder_features"],
         "encoder_strides": network["encoder_strides"],
         **({"encoder_blocks": network["encoder_blocks"]} if "encoder_blocks" in network else {}),
@@ -313,7 +315,7 @@ def train_config(variant: dict) -> dict:
     config = common_keys(variant)
     config.update({
         "seed": 0,
-        "batch_size": 4,
+        "batch_size": TRAIN_BATCH_SIZE,
         "num_samples": 1,
         "foreground_ratio": 0.5,
         "augment": True,
@@ -357,7 +359,7 @@ def train_config(variant: dict) -> dict:
                 "num_workers": "@num_workers",
                 "collate_fn": "$monai.data.utils.no_collation",
             },
-            # rank-0-only handlers last: multi_gpu_train.json drops them on other ranks
+            # multi_gpu_train.json attaches the logging handlers on rank 0 only (handlers_for_this_rank)
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
                  "epoch_level": False},
@@ -408,7 +410,6 @@ def train_config(variant: dict) -> dict:
                 "num_workers": "@num_workers",
                 "collate_fn": "$monai.data.utils.no_collation",
             },
-            # rank-0-only handlers last: multi_gpu_train.json drops them on other ranks
             "best_model_saver": {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
                                  "save_dict": {"model": "@network"}, "save_key_metric": True,
                                  "key_metric_filename": "model.pt"},
@@ -534,12 +535,11 @@ def multi_gpu_config(variant: dict) -> dict:
     """Merged over train.json; launched with torchrun. gloo on CPU (tests), nccl on GPUs."""
     return {
         **distributed_training_keys(),
-        "train#trainer#train_handlers": "$@train#handlers[: -3 if torch.distributed.get_rank() > 0 else None]",
+        "train#trainer#train_handlers": "$meddet.engines.handlers_for_this_rank(@train#handlers)",
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
                              "even_divisible": False, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",
-        "validate#evaluator#val_handlers":
-            "$@validate#handlers[: -2 if torch.distributed.get_rank() > 0 else None]",
+        "validate#evaluator#val_handlers": "$meddet.engines.handlers_for_this_rank(@validate#handlers)",
         "initialize": [*DISTRIBUTED_INIT, PRETRAINED_INIT],
         **DISTRIBUTED_END,
     }
@@ -693,7 +693,7 @@ def metadata_common(variant: dict) -> dict:
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": variant["version"],
-        "changelog": dict(sorted(variant["changelog"].items(), key=lambda kv: _version_key(kv[0]), reverse=True)),
+        "changelog": dict(sorted(variant["changelog"].items(), key=lambda kv: meddet.version_key(kv[0]), reverse=True)),
         "monai_version": MONAI_VERSION,
         "pytorch_version": PYTORCH_VERSION,
         "numpy_version": NUMPY_VERSION,
@@ -716,23 +716,36 @@ def metadata_common(variant: dict) -> dict:
     }
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split("."))
+def _number(value: float) -> str:
+    """A recipe number as the paper writes it: 0.01, 3e-5, 10,000."""
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    if abs(value) < 1e-3:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{value:g}"
 
 
 def _recipe_text(variant: dict) -> str:
+    """The recipe as prose, its numbers read from `recipe()` (the values the configs are rendered with)."""
+    r = recipe(variant)
+    optimizer = r["optimizer"]
+    schedule = (f"{_number(r['max_epochs'])} epochs x {_number(r['epoch_length'])} iterations, "
+                f"batch {TRAIN_BATCH_SIZE}, {PATCH_SIZE[0]}^3 patches")
+    warmup = (f"{_number(r['warmup_iterations'])} linear warm-up iterations from 1e-6, then"
+              if r["warmup_iterations"] else "no warm-up;")
     if is_detr(variant):
-        warmup = "10,000 linear warm-up iterations from 1e-6, then" if pretraining(variant) else "no warm-up;"
-        return (f"AdamW (amsgrad, eps 1e-4), lr 3e-4, weight decay 1e-4, {warmup} poly 0.9 per iteration, "
-                "100 epochs x 2500 iterations, batch 4, 128^3 patches, gradient norm clipped at 0.1, AMP on CUDA. "
-                "Hungarian matching (class 2, L1 5, GIoU 2); focal (gamma 1, alpha 0.75), L1 x5, GIoU x2 with "
-                "auxiliary losses on every decoder layer and the encoder proposals. Top-K per patch, no NMS, then "
-                "sliding-window stitching, mirror TTA and weighted box clustering.")
-    return ("SGD Nesterov (momentum 0.9), lr 0.01, weight decay 3e-5 (none on norms and biases), 4000 linear "
-            "warm-up iterations from 1e-6 then poly 0.9 per iteration, 50 epochs x 2500 iterations, batch 4, "
-            "128^3 patches, AMP on CUDA. ATSS matching (4 candidates), focal classification (gamma 1, alpha "
-            "0.75), smooth-L1 box regression, 0.5 CE + 0.5 Dice segmentation; sliding-window stitching, mirror "
-            "TTA and weighted box clustering.")
+        return (f"AdamW (amsgrad, eps {_number(optimizer['eps'])}), lr {_number(r['learning_rate'])}, weight decay "
+                f"{_number(r['weight_decay'])}, {warmup} poly 0.9 per iteration, {schedule}, gradient norm clipped at "
+                f"{_number(r['clip_grad_norm'])}, AMP on CUDA. Hungarian matching (class 2, L1 5, GIoU 2); focal "
+                "(gamma 1, alpha 0.75), L1 x5, GIoU x2 with auxiliary losses on every decoder layer and the encoder "
+                "proposals. Top-K per patch, no NMS, then sliding-window stitching, mirror TTA and weighted box "
+                "clustering.")
+    return (f"SGD Nesterov (momentum {_number(r['momentum'])}), lr {_number(r['learning_rate'])}, weight decay "
+            f"{_number(r['weight_decay'])} (none on norms and biases), {warmup} poly 0.9 per iteration, {schedule}, "
+            "AMP on CUDA. ATSS matching (4 candidates), focal classification (gamma 1, alpha 0.75), smooth-L1 box "
+            "regression, 0.5 CE + 0.5 Dice segmentation; sliding-window stitching, mirror TTA and weighted box "
+            "clustering.")
 
 
 def _differences_text(variant: dict) -> str:

@@ -47,7 +47,7 @@ import zipfile
 import fire
 import yaml
 
-from meddet import hub
+from meddet import hub, version_key
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
@@ -62,9 +62,8 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
 ZIP_FILE_MODE = 0o100644  # regular file, rw-r--r--
 ZIP_COMPRESS_LEVEL = 9
 NEVER_PACKED_FOLDERS = ("models", "eval")  # trained weights, downloaded checkpoints, evaluation outputs
-# one version grammar for writing and reading the index: the downloader's
+# one version grammar for writing and reading the index: the package's and the downloader's
 _ENTRY = hub.INDEX_ENTRY
-version_key = hub.version_key
 
 
 def zip_name(name: str, version: str) -> str:

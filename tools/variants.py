@@ -6,6 +6,15 @@ bump the version and add a changelog line whenever the rendered bundle changes. 
 recipe) and `INITIALISATIONS` (released pre-trained encoders) are the lookup tables the rows name.
 """
 
+from meddet import version_key
+from meddet.networks import NNDET_BACKBONE, RESENC_L
+
+# the released encoders' architecture, as the bundles' JSON keys name it
+_RESENC_L = {"encoder_features": list(RESENC_L["features_per_stage"]), "encoder_strides": list(RESENC_L["strides"]),
+             "encoder_blocks": list(RESENC_L["blocks_per_stage"])}
+_NNDET = {"encoder_features": list(NNDET_BACKBONE["features_per_stage"]),
+          "encoder_strides": list(NNDET_BACKBONE["strides"])}
+
 HF = "https://huggingface.co/MIC-DKFZ/{repo}/resolve/main/checkpoint_final.pth"
 
 PAPER = ("Eckstein et al., The Missing Piece: A Case for Pre-Training in 3D Medical Object Detection, "
@@ -100,16 +109,14 @@ FAMILIES = {
         "detector": "retinaunet",
         "title": "Retina U-Net, ResEnc-L encoder",
         "network_factory": "meddet.networks.retina_unet_resenc",
-        "network": {"encoder_features": [32, 64, 128, 256, 320, 320], "encoder_strides": [1, 2, 2, 2, 2, 2],
-                    "encoder_blocks": [1, 3, 4, 6, 6, 6], "detection_levels": [2, 3, 4, 5]},
+        "network": {**_RESENC_L, "detection_levels": [2, 3, 4, 5]},
         "smoke": _SMOKE_RETINAUNET,
     },
     "retinaunet_nndet": {
         "detector": "retinaunet",
         "title": "Retina U-Net, nnDetection conv backbone",
         "network_factory": "meddet.networks.retina_unet_nndet",
-        "network": {"encoder_features": [32, 64, 128, 256, 320, 320], "encoder_strides": [1, 2, 2, 2, 2, 2],
-                    "detection_levels": [2, 3, 4, 5]},
+        "network": {**_NNDET, "detection_levels": [2, 3, 4, 5]},
         # the plain conv encoder needs a larger step than the residual one to converge in the smoke schedule
         "smoke": {**{key: value for key, value in _SMOKE_RETINAUNET.items() if key != "encoder_blocks"},
                   "learning_rate": 0.04},
@@ -118,8 +125,7 @@ FAMILIES = {
         "detector": "defdetr",
         "title": "Two-stage 3D Deformable DETR, ResEnc-L encoder",
         "network_factory": "meddet.networks.deformable_detr_resenc",
-        "network": {"encoder_features": [32, 64, 128, 256, 320, 320], "encoder_strides": [1, 2, 2, 2, 2, 2],
-                    "encoder_blocks": [1, 3, 4, 6, 6, 6], "detection_levels": [2, 3, 4, 5]},
+        "network": {**_RESENC_L, "detection_levels": [2, 3, 4, 5]},
         "smoke": {
             **_SMOKE_SCHEDULE,
             "encoder_features": [8, 16, 32, 32],
@@ -289,14 +295,16 @@ _V040_DETECTION = ("meddet 0.4.0: the training crop draws MONAI's positive/negat
                    "boxes alone (no whole-volume mask or copy per patch: 14x the patches/s per loader worker on a "
                    "450x450x190 CT); cache_dir keeps preprocessed volumes on disk, memory-mapped, instead of in RAM; "
                    "Retina U-Net skips its segmentation branch at inference and tiles axes shorter than the window "
-                   "at their own length (size_divisible), and its export tuple has no segmentation map")
+                   "at their own length (size_divisible), and its export tuple has no segmentation map; the "
+                   "Deformable DETR network_def takes detection_levels, num_heads and num_points (were "
+                   "feature_levels, n_heads, n_points), the names of the keys that set them")
 _V012_PRETRAINING = "meddet 0.4.0; this bundle computes the same as in 0.1.0"
 
 
 def _row(family: str, initialisation: str, changelog: dict, kind: str = "detection") -> dict:
     """A bundle: its version is the newest of its changelog."""
     name = f"{family}_{initialisation.replace('_native', '')}_{kind}"
-    version = max(changelog, key=lambda v: tuple(int(p) for p in v.split(".")))
+    version = max(changelog, key=version_key)
     return {"name": name, "family": family, "initialisation": initialisation, "kind": kind, "version": version,
             "changelog": dict(changelog)}
 

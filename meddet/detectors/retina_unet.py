@@ -28,6 +28,7 @@ from meddet.detectors.anchors import build_anchor_generator
 from meddet.detectors.losses import ellipsoid_segmentation_target, sigmoid_focal_loss
 from meddet.detectors.nms import batched_nms
 from meddet.detectors.dispatch import as_batch, centres_inside, check_targets, detector_forward
+from meddet.networks.wrappers import unwrap
 
 _CLS_LOSSES = ("focal", "bce_hnm")
 _REG_LOSSES = ("l1", "giou")
@@ -119,8 +120,7 @@ class RetinaUNetDetector(nn.Module):
             raise ValueError(f"reg_loss must be one of {_REG_LOSSES}, got {reg_loss!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        # DistributedDataParallel hides the wrapped module's attributes behind `.module`
-        strides = getattr(getattr(network, "module", network), "detection_strides", None)
+        strides = getattr(unwrap(network), "detection_strides", None)  # also through DDP / torch.compile
         if not strides:
             raise ValueError(f"network {type(network).__name__} has no `detection_strides` (e.g. (4, 8, 16, 32))")
         self.detection_strides = tuple(int(s) for s in strides)

@@ -8,7 +8,7 @@ from typing import List
 from ignite.engine import Engine, Events
 from torch import nn
 
-from meddet.pretrained.nnssl import unwrap, wrapper_chain
+from meddet.networks.wrappers import unwrap, wrapper_chain
 
 logger = logging.getLogger(__name__)
 

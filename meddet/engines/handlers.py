@@ -15,10 +15,22 @@ from ignite.engine import Engine, Events
 
 from meddet.data.image_io import image_stem
 from meddet.inference.plots import save_detection_png
-from meddet.pretrained.nnssl import unwrap
+from meddet.networks.wrappers import unwrap
 from meddet.metrics.report import evaluate_files
 
 logger = logging.getLogger(__name__)
+
+
+def handlers_for_this_rank(handlers: Sequence) -> list:
+    """`handlers` as a process of a distributed run should attach them: rank 0 all of them, the other ranks all but
+    the logging ones (MONAI's StatsHandler and TensorBoardStatsHandler, ignite's ProgressBar), which would print,
+    and write event files, once per process."""
+    from ignite.handlers import ProgressBar
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+    if idist.get_rank() == 0:
+        return list(handlers)
+    return [h for h in handlers if not isinstance(h, (StatsHandler, TensorBoardStatsHandler, ProgressBar))]
 
 
 def _state_dict(obj):

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from monai.data import load_decathlon_datalist
 from monai.data.box_utils import box_iou
 
+from meddet.data.datalist import load_datalist
 from meddet.metrics.coco import coco_metrics, detections_to_numpy
 from meddet.metrics.coco import ignore_regions
 from meddet.metrics.cpm import cpm_from_detections
@@ -223,17 +223,11 @@ def evaluate_files(
             raise ValueError(f"{where}: a second prediction entry for image {key}")
         by_image[key] = entry
 
-    items = load_decathlon_datalist(
-        data_list_file_path, is_segmentation=False, data_list_key=data_list_key, base_dir=base_dir
-    )
+    # the same validated reader as training (boxes and labels checked, named by item); the images are not opened
+    items = load_datalist(data_list_file_path, base_dir, data_list_key, check_images=False)
     predictions, ground_truths, names = [], [], []
     for index, item in enumerate(items):
         where = f"{data_list_file_path} [{data_list_key}][{index}]"
-        if "image" not in item:
-            raise ValueError(f"{where}: no 'image' key")
-        for key in ("box", "label"):
-            if key not in item:
-                raise ValueError(f"{where}: no '{key}' key (image {item['image']})")
         image = _normalised(_first_path(item["image"], where), base_dir)
         if image not in by_image:
             raise ValueError(f"{predictions_json}: no prediction entry for image {image} (datalist {where})")
@@ -245,7 +239,7 @@ def evaluate_files(
             {key: np.asarray(entry[key], dtype=np.float64) for key in ("box", "label", "label_scores")}
         )
         truth = {"box": np.asarray(item["box"], dtype=np.float64).reshape(-1, 6), "label": np.asarray(item["label"])}
-        if item.get("ignore_box"):
+        if len(item.get("ignore_box", ())):
             truth["ignore_box"] = np.asarray(item["ignore_box"], dtype=np.float64).reshape(-1, 6)
         if "diameter_mm" in item:
             truth["diameter_mm"] = np.asarray(item["diameter_mm"], dtype=np.float64).reshape(-1)

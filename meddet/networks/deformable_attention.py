@@ -1,6 +1,6 @@
 """3D multi-scale deformable attention (Zhu et al. 2021, Deformable DETR) in plain PyTorch.
 
-Each query attends to `n_points` sampled positions per level and head; values at those positions are read by
+Each query attends to `num_points` sampled positions per level and head; values at those positions are read by
 trilinear interpolation (`torch.nn.functional.grid_sample`, `align_corners=False`, zero padding), so the same
 code runs on CPU and GPU without a compiled kernel.
 
@@ -102,7 +102,7 @@ class MultiScaleDeformableAttention3D(nn.Module):
     (softmax over levels x points per head). Offsets are added to the query's reference:
     - reference points [B, Q, L, 3] (normalised centres): offsets are in voxels of each level;
     - reference boxes [B, Q, L, 6] (normalised `cccwhd`): offsets are in half box sizes, divided by
-      `n_points` (points spread within the box).
+      `num_points` (points spread within the box).
 
     Init (as Deformable DETR): offset weights zero and biases pointing head h along its own direction on
     the sphere (largest component 1), point p at distance p + 1; attention weights zero (uniform attention);
@@ -112,26 +112,26 @@ class MultiScaleDeformableAttention3D(nn.Module):
     `spatial_shapes [L, 3]`, `level_start_index [L]` -> `[B, Q, d]`.
     """
 
-    def __init__(self, d_model: int = 128, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 128, n_levels: int = 4, num_heads: int = 8, num_points: int = 4):
         super().__init__()
-        if d_model % n_heads:
+        if d_model % num_heads:
             raise ValueError(
-                f"MultiScaleDeformableAttention3D: d_model {d_model} is not divisible by n_heads {n_heads}"
+                f"MultiScaleDeformableAttention3D: d_model {d_model} is not divisible by num_heads {num_heads}"
             )
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.head_dim = d_model // n_heads
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 3)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.d_model, self.n_levels, self.num_heads, self.num_points = d_model, n_levels, num_heads, num_points
+        self.head_dim = d_model // num_heads
+        self.sampling_offsets = nn.Linear(d_model, num_heads * n_levels * num_points * 3)
+        self.attention_weights = nn.Linear(d_model, num_heads * n_levels * num_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.sampling_offsets.weight)
-        directions = sphere_directions(self.n_heads)
+        directions = sphere_directions(self.num_heads)
         directions = directions / directions.abs().max(dim=-1, keepdim=True).values
-        bias = directions[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)
-        bias = bias * torch.arange(1, self.n_points + 1, dtype=bias.dtype)[None, None, :, None]
+        bias = directions[:, None, None, :].repeat(1, self.n_levels, self.num_points, 1)
+        bias = bias * torch.arange(1, self.num_points + 1, dtype=bias.dtype)[None, None, :, None]
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(bias.reshape(-1))
         nn.init.zeros_(self.attention_weights.weight)
@@ -149,7 +149,7 @@ class MultiScaleDeformableAttention3D(nn.Module):
         level_start_index: Union[torch.Tensor, Sequence[int]],
     ) -> torch.Tensor:
         batch, queries, _ = query.shape
-        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        heads, levels, points = self.num_heads, self.n_levels, self.num_points
         value = self.value_proj(value_input).view(batch, value_input.shape[1], heads, self.head_dim)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 3)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)

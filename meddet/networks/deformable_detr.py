@@ -64,11 +64,11 @@ def _class_head(d_model: int, num_classes: int) -> nn.Linear:
 class DeformableEncoderLayer(nn.Module):
     """Pre-norm encoder layer: x + DeformAttn(LN(x) + pos), then x + FFN(LN(x)). Shapes [B, S, d]."""
 
-    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int,
+    def __init__(self, d_model: int, n_levels: int, num_heads: int, num_points: int, dim_feedforward: int,
                  dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = MultiScaleDeformableAttention3D(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MultiScaleDeformableAttention3D(d_model, n_levels, num_heads, num_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = _feed_forward(d_model, dim_feedforward, dropout)
@@ -85,14 +85,14 @@ class DeformableDecoderLayer(nn.Module):
     """Pre-norm decoder layer: query self-attention, deformable cross-attention to the encoder memory around
     each query's reference box, FFN; each a residual branch after a LayerNorm. Shapes [B, Q, d]."""
 
-    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int,
+    def __init__(self, d_model: int, n_levels: int, num_heads: int, num_points: int, dim_feedforward: int,
                  dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.cross_attn = MultiScaleDeformableAttention3D(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MultiScaleDeformableAttention3D(d_model, n_levels, num_heads, num_points)
         self.dropout2 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
         self.ffn = _feed_forward(d_model, dim_feedforward, dropout)
@@ -110,13 +110,13 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableDETR(nn.Module):
     """Two-stage Deformable DETR in 3D with iterative box refinement.
 
-    1. `encoder(x)` -> list of per-stage maps; the maps at `feature_levels` (ResEnc-L: strides 4, 8, 16, 32 with
+    1. `encoder(x)` -> list of per-stage maps; the maps at `detection_levels` (ResEnc-L: strides 4, 8, 16, 32 with
        128/256/320/320 channels) go through a 1x1x1 conv + GroupNorm to `d_model` each (channel mapper).
     2. Tokens = flattened maps of all levels (level after level, C order over X, Y, Z), with a 3D sine position
        embedding plus a learned per-level embedding; `num_encoder_layers` pre-norm deformable encoder layers
        (reference = each token's own voxel centre), then a LayerNorm -> memory [B, S, d].
     3. Two-stage proposals: every token proposes a box centred on its voxel with size
-       `proposal_base_scale * 2 ** level` (level = index in `feature_levels`) per axis; a linear + LayerNorm,
+       `proposal_base_scale * 2 ** level` (level = index in `detection_levels`) per axis; a linear + LayerNorm,
        a class-agnostic class head and a box head (delta on the inverse-sigmoid proposal) score and refine
        them ("enc_outputs"). The top `num_queries` by score become the decoder's reference boxes (detached);
        proposals with a coordinate outside (0.01, 0.99) (edge tokens of large maps, oversized high-level
@@ -147,28 +147,28 @@ class DeformableDETR(nn.Module):
         num_classes: int = 1,
         num_queries: int = 12,
         d_model: int = 128,
-        n_heads: int = 8,
-        n_points: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
         num_encoder_layers: int = 3,
         num_decoder_layers: int = 6,
         dim_feedforward: int = 1024,
         dropout: float = 0.0,
-        feature_levels: Sequence[int] = (2, 3, 4, 5),
+        detection_levels: Sequence[int] = (2, 3, 4, 5),
         two_stage: bool = True,
         proposal_base_scale: float = 0.05,
         norm_groups: int = 32,
     ):
         super().__init__()
         encoder_channels, level_strides = encoder_levels(encoder, "DeformableDETR")
-        feature_levels = tuple(int(level) for level in feature_levels)
+        detection_levels = tuple(int(level) for level in detection_levels)
         if (
-            not feature_levels
-            or list(feature_levels) != sorted(set(feature_levels))
-            or feature_levels[0] < 0
-            or feature_levels[-1] >= len(encoder_channels)
+            not detection_levels
+            or list(detection_levels) != sorted(set(detection_levels))
+            or detection_levels[0] < 0
+            or detection_levels[-1] >= len(encoder_channels)
         ):
             raise ValueError(
-                f"DeformableDETR: feature_levels {feature_levels} must be strictly increasing level indices within "
+                f"DeformableDETR: detection_levels {detection_levels} must be strictly increasing level indices within "
                 f"0..{len(encoder_channels) - 1} (the encoder has {len(encoder_channels)} levels)"
             )
         if num_classes < 1 or num_queries < 1 or num_decoder_layers < 1 or num_encoder_layers < 0:
@@ -182,16 +182,16 @@ class DeformableDETR(nn.Module):
         self.num_classes = int(num_classes)
         self.num_queries = int(num_queries)
         self.d_model = int(d_model)
-        self.feature_levels = feature_levels
-        self.detection_strides = tuple(level_strides[level] for level in feature_levels)
+        self.detection_levels = detection_levels
+        self.detection_strides = tuple(level_strides[level] for level in detection_levels)
         self.total_stride = level_strides[-1]
         self.two_stage = bool(two_stage)
         self.proposal_base_scale = float(proposal_base_scale)
-        n_levels = len(feature_levels)
+        n_levels = len(detection_levels)
 
         self.channel_mapper = nn.ModuleList(
             nn.Sequential(nn.Conv3d(encoder_channels[level], d_model, kernel_size=1), nn.GroupNorm(groups, d_model))
-            for level in feature_levels
+            for level in detection_levels
         )
         for mapper in self.channel_mapper:
             nn.init.xavier_uniform_(mapper[0].weight)
@@ -200,7 +200,7 @@ class DeformableDETR(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         nn.init.normal_(self.level_embed)
 
-        layer_args = (d_model, n_levels, n_heads, n_points, dim_feedforward, dropout)
+        layer_args = (d_model, n_levels, num_heads, num_points, dim_feedforward, dropout)
         self.encoder_layers = nn.ModuleList(DeformableEncoderLayer(*layer_args) for _ in range(num_encoder_layers))
         self.encoder_norm = nn.LayerNorm(d_model)
         self.decoder_layers = nn.ModuleList(DeformableDecoderLayer(*layer_args) for _ in range(num_decoder_layers))
@@ -267,7 +267,7 @@ class DeformableDETR(nn.Module):
         features = self.encoder(x)
         if not isinstance(features, (list, tuple)):
             raise TypeError("DeformableDETR: the encoder must return a list of per-stage maps (return_skips=True)")
-        tokens, positions, shapes, starts = self._flatten_levels([features[level] for level in self.feature_levels])
+        tokens, positions, shapes, starts = self._flatten_levels([features[level] for level in self.detection_levels])
         batch, num_tokens, _ = tokens.shape
 
         # encoder: every token attends around its own voxel centre on all levels
@@ -321,19 +321,19 @@ def deformable_detr_resenc(
     strides: Sequence[Union[int, Sequence[int]]] = RESENC_L["strides"],
     blocks_per_stage: Sequence[int] = RESENC_L["blocks_per_stage"],
     kernel_size: int = 3,
-    feature_levels: Sequence[int] = (2, 3, 4, 5),
+    detection_levels: Sequence[int] = (2, 3, 4, 5),
     d_model: int = 128,
     num_encoder_layers: int = 3,
     num_decoder_layers: int = 6,
-    n_heads: int = 8,
-    n_points: int = 4,
+    num_heads: int = 8,
+    num_points: int = 4,
     dim_feedforward: int = 1024,
     dropout: float = 0.0,
     two_stage: bool = True,
     proposal_base_scale: float = 0.05,
 ) -> DeformableDETR:
     """Deformable DETR on a ResEnc encoder from plain (JSON-friendly) values; defaults give the paper's
-    ResEnc-L model (levels at strides 4, 8, 16, 32). A smaller encoder needs `feature_levels` that exist in it."""
+    ResEnc-L model (levels at strides 4, 8, 16, 32). A smaller encoder needs `detection_levels` that exist in it."""
     encoder = build_resenc_encoder(
         in_channels=in_channels,
         features_per_stage=features_per_stage,
@@ -346,13 +346,13 @@ def deformable_detr_resenc(
         num_classes=num_classes,
         num_queries=num_queries,
         d_model=d_model,
-        n_heads=n_heads,
-        n_points=n_points,
+        num_heads=num_heads,
+        num_points=num_points,
         num_encoder_layers=num_encoder_layers,
         num_decoder_layers=num_decoder_layers,
         dim_feedforward=dim_feedforward,
         dropout=dropout,
-        feature_levels=feature_levels,
+        detection_levels=detection_levels,
         two_stage=two_stage,
         proposal_base_scale=proposal_base_scale,
     )

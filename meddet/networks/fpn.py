@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
-StrideSpec = Union[int, Sequence[int]]
-
-
-def _as_3d(stride: StrideSpec) -> Tuple[int, int, int]:
-    values = tuple(int(s) for s in stride) if isinstance(stride, (list, tuple)) else (int(stride),) * 3
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError(f"UNetFPN: a stride must be a positive int or three positive ints, got {stride!r}")
-    return values
-
+from meddet.networks.strides import StrideSpec, as_triple
 
 class UNetFPN(nn.Module):
     """Top-down feature pyramid with a lateral connection at every level, finest level first.
@@ -57,7 +49,7 @@ class UNetFPN(nn.Module):
                 "UNetFPN: in_channels, out_channels and strides need one entry per level each, got "
                 f"{len(in_channels)}, {len(out_channels)} and {len(strides)}"
             )
-        level_strides = [_as_3d(s) for s in strides]
+        level_strides = [as_triple(s, "UNetFPN: a stride") for s in strides]
         ratios = []
         for level in range(1, len(level_strides)):
             fine, coarse = level_strides[level - 1], level_strides[level]

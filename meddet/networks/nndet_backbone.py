@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from meddet.networks.retina_unet import DEFAULT_HEAD_CONVS, RetinaUNet
-
-StrideSpec = Union[int, Sequence[int]]
+from meddet.networks.strides import StrideSpec, as_triple
 
 # The release numbers: 6 stages, 32 doubling to 320, 3x3x3 kernels, total stride 32.
 NNDET_BACKBONE = {
@@ -41,15 +40,6 @@ _ACTIVATIONS = {
     "relu": lambda: nn.ReLU(inplace=True),
     "leaky_relu": lambda: nn.LeakyReLU(negative_slope=1e-2, inplace=True),
 }
-
-
-def _triple(name: str, value) -> Tuple[int, int, int]:
-    values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * 3
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError(
-            f"NNDetEncoder: each {name} entry must be a positive int or three positive ints, got {value!r}"
-        )
-    return values
 
 
 def conv_norm_act(
@@ -131,7 +121,7 @@ class NNDetEncoder(nn.Module):
         stages = []
         channels = self.in_channels
         for width, stride, kernel, n_convs in zip(self.output_channels, self.strides, kernels, convs):
-            blocks = [conv_norm_act(channels, width, kernel, _triple("stride", stride), activation, conv_bias)]
+            blocks = [conv_norm_act(channels, width, kernel, as_triple(stride, "NNDetEncoder: each stride entry"), activation, conv_bias)]
             blocks += [
                 conv_norm_act(width, width, kernel, (1, 1, 1), activation, conv_bias) for _ in range(n_convs - 1)
             ]
@@ -149,16 +139,16 @@ class NNDetEncoder(nn.Module):
     @staticmethod
     def _kernels_per_stage(kernel_sizes, n_stages: int) -> List[Tuple[int, int, int]]:
         if isinstance(kernel_sizes, int):
-            return [_triple("kernel_sizes", kernel_sizes)] * n_stages
+            return [as_triple(kernel_sizes, "NNDetEncoder: each kernel_sizes entry")] * n_stages
         entries = list(kernel_sizes)
         if all(isinstance(k, int) for k in entries) and len(entries) == 3 and n_stages != 3:
-            return [_triple("kernel_sizes", entries)] * n_stages  # one per-axis kernel for every stage
+            return [as_triple(entries, "NNDetEncoder: each kernel_sizes entry")] * n_stages  # one per-axis kernel for every stage
         if len(entries) != n_stages:
             raise ValueError(
                 f"NNDetEncoder: kernel_sizes has {len(entries)} entries but there are {n_stages} stages; give one "
                 "kernel for all stages or one per stage"
             )
-        return [_triple("kernel_sizes", k) for k in entries]
+        return [as_triple(k, "NNDetEncoder: each kernel_sizes entry") for k in entries]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features = []

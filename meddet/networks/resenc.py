@@ -8,14 +8,14 @@ nnssl pre-training checkpoints use (`key_to_stem`, `key_to_encoder`).
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import nn
 
-StrideSpec = Union[int, Sequence[int]]
+from meddet.networks.strides import StrideSpec
 
 # ResEnc-L as released with the pre-trained checkpoints: 90.30 M encoder parameters, output strides 1..32.
 RESENC_L = {

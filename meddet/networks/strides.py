@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import List, Union
+from typing import List, Tuple, Union
+
+#: a stride or kernel size as the configs write it: one int for all three axes, or one int per axis
+StrideSpec = Union[int, Sequence[int]]
 
 
-def cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]], owner: str) -> List[int]:
+def as_triple(value: StrideSpec, what: str) -> Tuple[int, int, int]:
+    """One int per axis from an int or three ints; anything else is a ValueError that starts with `what`."""
+    values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * 3
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"{what} must be a positive int or three positive ints, got {value!r}")
+    return values
+
+
+def cumulative_strides(stage_strides: Sequence[StrideSpec], owner: str) -> List[int]:
     """Per-stage strides (ints or per-axis lists) -> isotropic stride of every level relative to the input.
 
     Detection strides are single integers (anchors and normalised boxes assume the same stride on every
@@ -14,7 +25,7 @@ def cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]], owner
     """
     cumulative, total = [], 1
     for stage, stride in enumerate(stage_strides):
-        axes = [int(s) for s in stride] if isinstance(stride, (list, tuple)) else [int(stride)] * 3
+        axes = as_triple(stride, f"{owner}: encoder stage {stage}'s stride")
         if len(set(axes)) != 1:
             raise ValueError(
                 f"{owner}: encoder stage {stage} has anisotropic stride {axes}; only isotropic strides are "
@@ -25,7 +36,7 @@ def cumulative_strides(stage_strides: Sequence[Union[int, Sequence[int]]], owner
     return cumulative
 
 
-def total_stride(stage_strides: Sequence[Union[int, Sequence[int]]]) -> int:
+def total_stride(stage_strides: Sequence[StrideSpec]) -> int:
     """The stride of the deepest level (bundle configs give it to the sliding window as `size_divisible`)."""
     return cumulative_strides(stage_strides, "total_stride")[-1]
 

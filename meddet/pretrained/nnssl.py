@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from meddet.networks.wrappers import unwrap
+
 logger = logging.getLogger("meddet.pretrained")
 
 WEIGHTS_KEY = "network_weights"
@@ -234,24 +236,6 @@ def adapt_input_channels(
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def wrapper_chain(network: nn.Module) -> list[nn.Module]:
-    """`network` and every module it wraps: DistributedDataParallel / DataParallel (`.module`), torch.compile
-    (`._orig_mod`), outermost first."""
-    chain = [network]
-    while True:
-        inner = getattr(chain[-1], "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(chain[-1], "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return chain
-        chain.append(inner)
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    return wrapper_chain(network)[-1]
-
-
 def detector_encoder(network: nn.Module) -> nn.Module:
     """`network.encoder` of a (possibly wrapped) detector network."""
     encoder = getattr(unwrap(network), "encoder", None)
@@ -337,38 +321,6 @@ def load_pretrained_encoder(
         tensors, parameters / 1e6, path, stem_prefix, in_channels,
     )
     return report
-
-
-def initialize_from_pretrained(
-    network: nn.Module,
-    checkpoint_path: Optional[str],
-    in_channels: int = 1,
-    stem: StemChoice = None,
-    fetch_hint: str = "",
-    missing_hint: str = "",
-) -> Optional[dict]:
-    """What a bundle's `initialize` calls: load pre-trained encoder weights, or nothing for a scratch bundle.
-
-    An empty or None `checkpoint_path` does nothing and returns None. A set path must exist (FileNotFoundError
-    otherwise, saying how to get it: `missing_hint` when given, e.g. how to pre-train a smoke-size checkpoint, else
-    the download command with `fetch_hint`): a pre-trained bundle never silently trains from scratch. Networks on
-    nnDetection's native encoder (`NNDetEncoder`) get the native MultiTalent fusion
-    (`meddet.pretrained.native.load_native_multitalent`), all others `load_pretrained_encoder`.
-    """
-    if checkpoint_path is None or not str(checkpoint_path).strip():
-        logger.info("no pre-trained checkpoint configured; the network keeps its own initialisation")
-        return None
-    if missing_hint and not os.path.isfile(os.fspath(checkpoint_path)):
-        raise FileNotFoundError(f"pre-trained checkpoint '{checkpoint_path}' does not exist; {missing_hint}")
-    from meddet.networks.nndet_backbone import NNDetEncoder  # the native fusion lives one module over
-
-    if isinstance(detector_encoder(network), NNDetEncoder):
-        from meddet.pretrained.native import load_native_multitalent
-
-        return load_native_multitalent(
-            network, checkpoint_path, in_channels=in_channels, stem=stem, fetch_hint=fetch_hint
-        )
-    return load_pretrained_encoder(network, checkpoint_path, in_channels=in_channels, stem=stem, fetch_hint=fetch_hint)
 
 
 # ---------------------------------------------------------------------------------------------- writing

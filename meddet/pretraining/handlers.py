@@ -15,13 +15,8 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from meddet.engines.steps import flatten_samples
-from meddet.pretrained.nnssl import (
-    encoder_state_dict,
-    make_nnssl_checkpoint,
-    read_checkpoint,
-    strict_load,
-    unwrap,
-)
+from meddet.networks.wrappers import unwrap
+from meddet.pretrained.nnssl import encoder_state_dict, make_nnssl_checkpoint, read_checkpoint, strict_load
 from meddet.pretraining.architecture import ARCH_CLASS_NAME, ARCH_KWARGS_REQUIRING_IMPORT, build_resenc_unet
 
 logger = logging.getLogger(__name__)
