@@ -10,13 +10,14 @@ __version__ = "0.4.0"
 
 
 VERSION_PATTERN = r"\d+(\.\d+)*"
-_VERSION = re.compile(rf"^{VERSION_PATTERN}$")
+#: a whole version string: digits separated by dots, nothing else
+VERSION_RE = re.compile(rf"^{VERSION_PATTERN}$")
 
 
 def version_key(version: str) -> tuple[int, ...]:
     """Numeric sort key of a dotted version: "0.10.0" -> (0, 10, 0), so 0.10.0 sorts after 0.9.0; anything that is
     not digits separated by dots is an error."""
-    if not _VERSION.match(str(version)):
+    if not VERSION_RE.match(str(version)):
         raise ValueError(f"version {version!r} is not a dotted number such as 0.1.0")
     return tuple(int(part) for part in str(version).split("."))
 

@@ -52,7 +52,7 @@ import urllib.request
 import zipfile
 import zlib
 
-from meddet import VERSION_PATTERN, version_key
+from meddet import VERSION_PATTERN, VERSION_RE, version_key
 
 INDEX_ENV = "MEDDET_BUNDLE_INDEX"
 DOWNLOAD_TIMEOUT_S = 60
@@ -62,7 +62,6 @@ MAX_EXPANSION_RATIO = 200  # extraction cap relative to the archive size
 STALE_UNMARKED_S = 3600  # age after which a staging folder without a pid marker counts as abandoned
 CHUNK_BYTES = 1 << 20
 PID_MARKER = "pid"
-_VERSION = re.compile(rf"^{VERSION_PATTERN}$")
 #: an index key `<name>_v<version>` (shared with tools/package.py, which writes the index)
 INDEX_ENTRY = _ENTRY = re.compile(rf"^(?P<name>.+)_v(?P<version>{VERSION_PATTERN})$")
 _VERSION_FORMAT = "a dotted number such as 0.1.0 (digits separated by dots, no suffix such as -rc1)"
@@ -136,7 +135,7 @@ def _check_entry(name: str, version: str, entry) -> None:
 
 def resolve(index: dict, name: str, version: str | None = None) -> tuple[str, dict]:
     """(version, entry) of `name`: the given version, or the highest one when `version` is None."""
-    if version is not None and not _VERSION.match(str(version)):
+    if version is not None and not VERSION_RE.match(str(version)):
         raise BundleDownloadError(f"bundle '{name}': version {str(version)!r} is not {_VERSION_FORMAT}")
     versions = available_versions(index, name)
     if not versions:

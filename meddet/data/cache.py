@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,8 +60,6 @@ class MappedPersistentDataset(PersistentDataset):
                 return torch.load(hashfile, mmap=True, weights_only=False)
             except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
                 # cut short or damaged (a killed writer, a full disk): computed again below and rewritten
-                import warnings
-
                 warnings.warn(f"cached volume {hashfile} is unreadable ({type(error).__name__}: {error}); "
                               "preprocessing it again")
                 hashfile.unlink(missing_ok=True)

@@ -179,19 +179,23 @@ class RandCropTargetBoxByPosNegLabeld(RandCropBoxByPosNegLabeld):
         dims = len(image_size)
         lo, hi = regions[:, :dims], regions[:, dims:]
         volumes = np.prod(hi - lo, axis=1).astype(np.float64)
+        region_probabilities = volumes / volumes.sum()  # a region by its share of the voxels (empty: no regions)
         centers = []
         for _ in range(self.num_samples):
             # MONAI draws the coin even when one side is empty (no objects: always negative)
             positive = self.R.rand() < self.pos_ratio and len(regions) > 0
-            center = self._positive_center(lo, hi, volumes) if positive else self._negative_center(lo, hi, image_size)
+            if positive:
+                center = self._positive_center(lo, hi, region_probabilities)
+            else:
+                center = self._negative_center(lo, hi, image_size)
             if center is None:  # no voxel lies outside the regions: MONAI then crops positive patches only
-                center = self._positive_center(lo, hi, volumes)
+                center = self._positive_center(lo, hi, region_probabilities)
             centers.append(correct_crop_centers(center.tolist(), self.spatial_size, image_size, self.allow_smaller))
         return tuple(centers)
 
-    def _positive_center(self, lo: np.ndarray, hi: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+    def _positive_center(self, lo: np.ndarray, hi: np.ndarray, region_probabilities: np.ndarray) -> np.ndarray:
         while True:  # each draw is kept with probability >= 1 / number of regions
-            region = self.R.choice(len(volumes), p=volumes / volumes.sum())
+            region = self.R.choice(len(region_probabilities), p=region_probabilities)
             voxel = self.R.randint(lo[region], hi[region])
             holders = np.all((lo <= voxel) & (voxel < hi), axis=1).sum()
             if self.R.rand() < 1.0 / holders:

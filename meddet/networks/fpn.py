@@ -9,6 +9,7 @@ from torch import nn
 
 from meddet.networks.strides import StrideSpec, as_triple
 
+
 class UNetFPN(nn.Module):
     """Top-down feature pyramid with a lateral connection at every level, finest level first.
 
