@@ -225,7 +225,7 @@ RECIPE_DIFFERENCES = {
         _IN_PLANE_ROTATION,
         ("an axis of a volume shorter than the 128-voxel window is tiled at its own length rounded up to 32; the "
          "release pads it to the window",
-         "no network time on padding (a 96-slice volume costs 96/128 of the padded pass); on 16 synthetic volumes "
+         "no network time on padding (a 96-slice volume runs the network on 96/128 of the padded pass's voxels); on 16 synthetic volumes "
          "thinner than the smoke window the smoke model scored AP@0.1 0.109 this way and 0.029 with padded windows "
          "(both low: it was trained on thicker volumes); an override file with `{\"inferer#size_divisible\": null}` "
          "restores the padding"),

@@ -131,8 +131,8 @@ class SlidingWindowBoxInferer:
         size_divisible: None: every tile has size `roi_size`. An int or one int per axis (a fully
             convolutional predictor's total stride): along an axis where the volume is shorter than
             `roi_size`, the tile shrinks to the volume's length rounded up to a multiple of it (at least two
-            multiples, never more than `roi_size`). A 96-slice volume under a 128-voxel window costs 96/128
-            of the padded pass.
+            multiples, never more than `roi_size`). A 96-slice volume under a 128-voxel window runs the network on
+            96/128 of the padded pass's voxels.
 
     Call: ``inferer(images, predictor) -> list of {"box" [M, 6] float, "label" [M] long,
     "label_scores" [M] float}`` on the CPU, boxes `xyzxyz` in voxels of each full volume.
