@@ -15,9 +15,9 @@ is skipped. What MONAI Label 0.8.5 does with a bundle (read in `monailabel/tasks
   `train#dataset#data` and `validate#dataset#data` (items `{"image", "box" (Slicer ROI centre + size), "label"}`)
   and `train#handlers` (a non-strict CheckpointLoader of `models/model.pt` into `@network` is inserted).
 
-Each bundle copy here is a scratch bundle (one per family) with its smoke preset folded into both configs (MONAI
+Each bundle here is served as `tools/monailabel_app.py` prepares it: its smoke preset folded into both configs (MONAI
 Label reads only those two files), `affine_lps_to_ras: true` (Slicer's boxes are LPS) and, for a random-init
-network, score thresholds of 0.0 so that boxes come out.
+network, a score threshold of 0.0 so that boxes come out.
 
 MONAI Label puts the image's file name under `image_path` in the data; MONAI >= 1.5's `Spacingd` calls
 `.update()` on every `image_*` entry of NIfTI data and so fails on that string ("'str' object has no attribute
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -49,43 +50,39 @@ from monailabel.utils.others.detection import create_slicer_detection_json  # no
 from meddet.data.boxes import boxes_voxel_to_world  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from monailabel_app import prepare_app  # noqa: E402
 # training: one bundle per detector family (the pre-trained variants share their family's configs and need their
 # encoder checkpoint to start); inference: every detection bundle
 BUNDLES = ["retinaunet_resencl_scratch_detection", "retinaunet_nndet_scratch_detection",
            "defdetr_resencl_scratch_detection"]
 DETECTION_BUNDLES = sorted(name for name in os.listdir(os.path.join(REPO, "bundles")) if name.endswith("_detection"))
-COMMON = {"affine_lps_to_ras": True}
-# the detector keeps its own per-patch threshold (0.05), above a random-init network's prior scores (0.01)
-INFERENCE = {"score_thresh": 0.0, "detector#score_thresh": 0.0, "detections_per_image": 5}
-TRAINING = {"epoch_length": 2, "batch_size": 1, "val_interval": 1, "num_workers": 0}
+# a random-init network scores every box near its prior (0.01): a threshold of 0 lets boxes out
+APP_OPTIONS = {"preset": "smoke", "score_thresh": 0.0, "detections_per_image": 5,
+               "overrides": {"epoch_length": 2, "val_interval": 1, "batch_size": 1, "num_workers": 0}}
 SHAPE = (40, 36, 20)
 SPACING = (1.5, 1.5, 2.0)
 
 
-def _merge(bundle_root: str, config: str, overrides: dict) -> None:
-    """Fold smoke.json and `overrides` into configs/`config` (MONAI Label reads that one file)."""
-    path = os.path.join(bundle_root, "configs", config)
+def copy_with_random_weights(name: str, bundles_dir) -> str:
+    """A copy of a committed bundle with a seeded random-init smoke network as `models/model.pt`."""
+    bundle_root = os.path.join(bundles_dir, name)
+    shutil.copytree(os.path.join(REPO, "bundles", name), bundle_root, ignore=shutil.ignore_patterns("models", "eval"))
     parser = ConfigParser()
-    parser.read_config([path, os.path.join(bundle_root, "configs", "smoke.json")])
-    for key, value in overrides.items():
-        parser[key] = value
-    content = parser.get()
-    content.pop("_meta_", None)
-    ConfigParser.export_config_file(content, path, indent=2)
+    parser.read_config([os.path.join(bundle_root, "configs", c) for c in ("inference.json", "smoke.json")])
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def", lazy=False)
+    os.makedirs(os.path.join(bundle_root, "models"))
+    torch.save(network.state_dict(), os.path.join(bundle_root, "models", "model.pt"))
+    return bundle_root
 
 
 def _prepare_bundle(root, name: str) -> str:
-    bundle_root = str(root / "model" / name)
-    shutil.copytree(os.path.join(REPO, "bundles", name), bundle_root)
-    _merge(bundle_root, "inference.json", {**COMMON, **INFERENCE})
-    _merge(bundle_root, "train.json", {**COMMON, **TRAINING})
-    parser = ConfigParser()
-    parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
-    torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def", lazy=False)
-    os.makedirs(os.path.join(bundle_root, "models"), exist_ok=True)
-    torch.save(network.state_dict(), os.path.join(bundle_root, "models", "model.pt"))
-    return bundle_root
+    """The bundle served as `tools/monailabel_app.py` prepares it, with random-init weights: its root in the app."""
+    source = root / "source"
+    copy_with_random_weights(name, str(source))
+    prepare_app(str(root / "app"), bundles=name, bundles_dir=str(source), **APP_OPTIONS)
+    return str(root / "app" / "model" / name)
 
 
 def _affine(offset) -> np.ndarray:
@@ -163,7 +160,7 @@ def test_bundle_infer_task_returns_world_boxes_and_writes_slicer_json(tmp_path, 
     label_file, result = task({"image": image_path, "device": "cpu"})
 
     boxes, labels = np.asarray(result["box"], dtype=float), np.asarray(result["label"])
-    assert boxes.shape[1:] == (6,) and 1 <= len(boxes) <= INFERENCE["detections_per_image"]
+    assert boxes.shape[1:] == (6,) and 1 <= len(boxes) <= APP_OPTIONS["detections_per_image"]
     assert labels.shape == (len(boxes),) and set(labels.tolist()) <= {0}
     assert (boxes[:, 3:] > 0).all()
     # world frame: RAS centres (LPS with x, y negated) lie inside the image's world extent (1 voxel slack);
@@ -218,25 +215,9 @@ def test_bundle_train_task_trains_and_saves_the_model(tmp_path, name):
     assert any(not torch.equal(after[key], before[key]) for key in before)
 
 
-# the display threshold MONAI Label shows in its options panel (`displayable_configs`) and sends with each
-# request; the bundle's postprocessing applies it after the world conversion
-DISPLAY_THRESHOLD = {
-    "displayable_configs": {"display_score_thresh": 0.0},
-    "postprocessing": {
-        "_target_": "Compose",
-        "transforms": [
-            "$meddet.data.transforms.postprocessing(affine_lps_to_ras=@affine_lps_to_ras)",
-            {"_target_": "meddet.data.score_filter.SelectDetectionsByScored",
-             "score_thresh": "@displayable_configs#display_score_thresh"},
-        ],
-    },
-}
-
-
 def test_display_score_threshold_from_the_request_filters_the_boxes(tmp_path):
     torch.set_num_threads(1)
     bundle_root = _prepare_bundle(tmp_path, BUNDLES[0])
-    _merge(bundle_root, "inference.json", DISPLAY_THRESHOLD)
     image_path = str(tmp_path / "case.nii.gz")
     _synthetic_image(image_path, ((10, 12, 6), (17, 19, 11)), (60.0, -120.0, 40.0), seed=0)
 

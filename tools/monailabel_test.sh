@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MONAI Label 0.8.5 (`monaibundle` app) against a bundle of this collection, in its own virtualenv.
+# MONAI Label 0.8.5 against the bundles of this collection, in its own virtualenv: the tasks in-process
+# (tests/test_monailabel.py) and the real server over HTTP (tests/test_monailabel_server.py).
 #
 # MONAI Label 0.8.5 pulls in pydicom-seg, which needs numpy<2 and pydicom<3, so it cannot share the main
 # environment (numpy 2). The virtualenv sees the main environment's packages (--system-site-packages): torch,
@@ -25,4 +26,4 @@ print(f'monailabel {monailabel.__version__}, numpy {numpy.__version__}, torch {t
       f'monai {monai.__version__}, meddet {meddet.__version__}')
 "
 cd "$REPO"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$VENV/bin/python" -m pytest tests/test_monailabel.py -q "$@"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$VENV/bin/python" -m pytest tests/test_monailabel.py tests/test_monailabel_server.py -q "$@"
