@@ -919,10 +919,12 @@ TorchScript (traced; `export_network_def` returns the network's outputs as a fla
 
 ## MONAI Label / 3D Slicer
 
-Put this folder under the `monaibundle` app's model folder (MONAI Label 0.8.5 in its own virtualenv, see the
-collection README). 3D Slicer exchanges boxes in LPS: set `"affine_lps_to_ras": true` in `configs/inference.json`
-and `configs/train.json` for MONAI Label. Scores are not shown there; `display_score_thresh` (in
-`displayable_configs`) hides boxes below it.
+`python tools/monailabel_app.py --app_dir APP --studies IMAGES --bundles {name}` (in the collection's repository)
+prepares a MONAI Label 0.8.5 app serving this bundle to 3D Slicer, with the viewer's LPS frame set in the served
+copy of `configs/inference.json` and `configs/train.json`, and prints the `monailabel start_server` command; the
+collection README walks through detecting, correcting the boxes, training and detecting again. MONAI Label does
+not show scores: `display_score_thresh` (in `displayable_configs`, default set by `--score_thresh`) decides which
+boxes are sent.
 
 ## References
 

@@ -299,6 +299,8 @@ _V040_DETECTION = ("meddet 0.4.0: the training crop draws MONAI's positive/negat
                    "Deformable DETR network_def takes detection_levels, num_heads and num_points (were "
                    "feature_levels, n_heads, n_points), the names of the keys that set them")
 _V012_PRETRAINING = "meddet 0.4.0; this bundle computes the same as in 0.1.0"
+_V041_DETECTION = ("docs: served to MONAI Label / 3D Slicer through the collection's tools/monailabel_app.py (the "
+                   "viewer's LPS frame set in the served copy, no hand edits); computes the same as 0.4.0")
 
 
 def _row(family: str, initialisation: str, changelog: dict, kind: str = "detection") -> dict:
@@ -312,7 +314,7 @@ def _row(family: str, initialisation: str, changelog: dict, kind: str = "detecti
 def _detection(family: str, initialisation: str, first_release: str) -> dict:
     later = _V020["scratch" if initialisation == "scratch" else "pretrained"]
     return _row(family, initialisation, {"0.1.0": first_release, "0.2.0": later, "0.3.0": _V030_DETECTION,
-                                                      "0.4.0": _V040_DETECTION})
+                                                      "0.4.0": _V040_DETECTION, "0.4.1": _V041_DETECTION})
 
 
 def _pretraining(method: str, first_release: str) -> dict:
