@@ -8,11 +8,15 @@ import os
 import shutil
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
+
+from meddet.data.boxes import boxes_voxel_to_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
-from monailabel_app import detection_bundles, prepare_app  # noqa: E402
+from monailabel_app import detection_bundles, prepare_app, render, roi_voxel_boxes  # noqa: E402
 
 RETINA, DETR = "retinaunet_resencl_mae_detection", "defdetr_resencl_scratch_detection"
 
@@ -95,3 +99,27 @@ def test_bad_requests_name_the_problem(tmp_path, bundles_dir):
     with pytest.raises(ValueError, match="score_thresh"):
         prepare_app(str(tmp_path / "app"), bundles_dir=bundles_dir, score_thresh=5)
     assert not os.path.exists(tmp_path / "app")  # refused before anything was written
+
+
+def _roi_json(path, boxes_lps, coordinate_system="LPS") -> str:
+    markups = [{"type": "ROI", "coordinateSystem": coordinate_system, "center": list(b[:3]), "size": list(b[3:])}
+               for b in boxes_lps]
+    path.write_text(json.dumps({"markups": markups}))
+    return str(path)
+
+
+def test_render_places_the_viewers_rois_on_their_voxels(tmp_path):
+    affine = np.diag([-0.8, 0.7, 2.5, 1.0])  # flipped first axis, offset origin
+    affine[:3, 3] = (40.0, -75.0, 12.0)
+    image = str(tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(30, 28, 12)).astype(np.float32), affine), image)
+    voxel_boxes = np.array([[4.0, 6.0, 2.0, 10.0, 9.0, 5.0], [20.0, 3.0, 7.0, 26.0, 12.0, 11.0]])
+    boxes_lps = boxes_voxel_to_world(voxel_boxes, affine) * np.array([-1, -1, 1, 1, 1, 1])
+    rois = _roi_json(tmp_path / "rois.json", boxes_lps)
+    np.testing.assert_allclose(roi_voxel_boxes(rois, affine), voxel_boxes, atol=1e-6)
+    out = render(image, rois, str(tmp_path / "png" / "rois.png"),
+                 ground_truth=boxes_voxel_to_world(voxel_boxes[:1], affine).tolist())
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="rois_ras.json: markup 0 is not an LPS ROI"):
+        roi_voxel_boxes(_roi_json(tmp_path / "rois_ras.json", boxes_lps, "RAS"), affine)

@@ -919,7 +919,7 @@ TorchScript (traced; `export_network_def` returns the network's outputs as a fla
 
 ## MONAI Label / 3D Slicer
 
-`python tools/monailabel_app.py --app_dir APP --studies IMAGES --bundles {name}` (in the collection's repository)
+`python tools/monailabel_app.py prepare --app_dir APP --studies IMAGES --bundles {name}` (in the collection's repository)
 prepares a MONAI Label 0.8.5 app serving this bundle to 3D Slicer, with the viewer's LPS frame set in the served
 copy of `configs/inference.json` and `configs/train.json`, and prints the `monailabel start_server` command; the
 collection README walks through detecting, correcting the boxes, training and detecting again. MONAI Label does

@@ -1,6 +1,6 @@
 """Prepare a MONAI Label app that serves detection bundles of this collection, ready for 3D Slicer.
 
-    python tools/monailabel_app.py --app_dir APP [--studies IMAGES] [--bundles all|NAME,NAME]
+    python tools/monailabel_app.py prepare --app_dir APP [--studies IMAGES] [--bundles all|NAME,NAME]
         [--preset full|smoke] [--plans plans.json] [--score_thresh 0.3] [--detections_per_image 10]
         [--bundles_dir bundles] [--host 127.0.0.1] [--port 8000] [--overrides '{"epoch_length": 50}']
 
@@ -19,16 +19,22 @@ of each bundle whose `configs/inference.json` and `configs/train.json` are what 
 A bundle's `models/` folder (its fine-tuned `model.pt`, downloaded encoder weights) is copied along. Running the
 tool again on the same app rewrites the configs and keeps the app's `models/` folders, which MONAI Label's training
 has written to. Prints the `monailabel start_server` command to run in MONAI Label's environment.
+
+    python tools/monailabel_app.py render --image SCAN --rois ROIS.json --out rois.png [--ground_truth BOXES]
+
+draws a 3D Slicer ROI JSON (what `/infer` returns) on its scan, to look at a result without the viewer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 
 import fire
+import numpy as np
 from monai.bundle import ConfigParser
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +160,67 @@ def prepare_app(app_dir: str, studies: str = "images", bundles="all", preset: st
             "--host", host, "--port", str(port)]
 
 
+def roi_boxes_lps(rois: str) -> np.ndarray:
+    """The boxes of a 3D Slicer ROI JSON (what `/infer` returns and `/datastore/label` takes): LPS `cccwhd` mm."""
+    with open(rois, encoding="utf-8") as f:
+        markups = json.load(f).get("markups", [])
+    boxes = []
+    for index, roi in enumerate(markups):
+        if roi.get("type") != "ROI" or roi.get("coordinateSystem", "LPS") != "LPS":
+            raise ValueError(f"{rois}: markup {index} is not an LPS ROI (type {roi.get('type')!r}, "
+                             f"coordinateSystem {roi.get('coordinateSystem')!r})")
+        boxes.append(list(roi["center"]) + list(roi["size"]))
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+
+
+def roi_voxel_boxes(rois: str, affine) -> np.ndarray:
+    """A ROI JSON's boxes as voxel `xyzxyz` boxes of the scan with this (RAS, as MONAI loads it) affine."""
+    from meddet.data.boxes import boxes_world_to_voxel
+
+    return np.asarray(boxes_world_to_voxel(roi_boxes_lps(rois) * np.array([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]), affine))
+
+
+def render(image: str, rois: str, out: str, ground_truth=None, panels: int = 3) -> str:
+    """Draw a ROI JSON on its scan as the viewer places it: axial slices through the first `panels` boxes.
+
+    `ground_truth`: optional world boxes (RAS `cccwhd`, as in a datalist) drawn dashed. Returns the PNG path.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from monai.transforms import LoadImage
+
+    from meddet.data.boxes import boxes_world_to_voxel
+
+    volume = LoadImage(image_only=True)(image)
+    affine = volume.affine.numpy()
+    data = volume.numpy().reshape(volume.shape[:3] + (-1,))[..., 0]
+    boxes = roi_voxel_boxes(rois, affine)
+    truth = np.zeros((0, 6)) if ground_truth is None else np.asarray(
+        boxes_world_to_voxel(np.asarray(ground_truth, dtype=np.float64).reshape(-1, 6), affine))
+    slices = [int(np.clip((box[2] + box[5]) / 2, 0, data.shape[2] - 1)) for box in boxes[:panels]]
+    slices = slices or [data.shape[2] // 2]
+    low, high = np.percentile(data, [0.5, 99.5])
+    figure = Figure(figsize=(3.2 * len(slices), 3.6), dpi=100)
+    for panel, z in enumerate(slices):
+        axes = figure.add_subplot(1, len(slices), panel + 1)
+        axes.imshow(data[:, :, z].T, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest",
+                    extent=(0, data.shape[0], 0, data.shape[1]))
+        for drawn, colour, style in ((truth, "#2ca02c", "--"), (boxes, "#d62728", "-")):
+            for box in drawn:
+                if box[2] <= z + 0.5 < box[5]:
+                    axes.add_patch(Rectangle((box[0], box[1]), box[3] - box[0], box[4] - box[1], fill=False,
+                                             edgecolor=colour, linestyle=style, linewidth=1.2))
+        axes.set_title(f"z={z}", fontsize=8)
+        axes.set_xticks([])
+        axes.set_yticks([])
+    legend = f"{len(boxes)} ROI(s) from MONAI Label (red)" + (", ground truth dashed green" if len(truth) else "")
+    figure.suptitle(f"{os.path.basename(image)}: {legend}", fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    figure.savefig(out, format="png")
+    return out
+
+
 def main(app_dir: str, **kwargs) -> None:
     command = prepare_app(app_dir, **kwargs)
     print(f"MONAI Label app ready in {app_dir}; start it in MONAI Label's environment with:")
@@ -161,4 +228,4 @@ def main(app_dir: str, **kwargs) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"prepare": main, "render": render})
