@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
+
+import plan as planning
+from quickstart import bundle_command
+
+from meddet.data.synthetic import generate_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import plan as planning  # noqa: E402
-from quickstart import bundle_command  # noqa: E402
-
-from meddet.data.synthetic import generate_dataset  # noqa: E402
 
 
 def error_chain(error: BaseException) -> str:

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+import generate_bundles
+from variants import VARIANTS
 
-import generate_bundles  # noqa: E402
-from variants import VARIANTS  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DETECTION = [v for v in VARIANTS if v["kind"] == "detection"]
 PRETRAINING = [v for v in VARIANTS if v["kind"] == "pretraining"]

@@ -13,10 +13,9 @@ import pytest
 from loopback_server import serve_folder
 from meddet import hub
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+import package
 
-import package  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NAME = "retinaunet_resencl_scratch_detection"
 
@@ -66,8 +65,9 @@ def test_download_over_loopback_http_extracts_the_packaged_bundle(tmp_path):
     assert os.listdir(bundle_dir) == [NAME]  # no temporary folder left behind
     with open(os.path.join(REPO, "bundles", NAME, "configs", "train.json"), "rb") as f:
         assert (bundle_dir / NAME / "configs" / "train.json").read_bytes() == f.read()
-    with open(os.path.join(REPO, "meddet", "hub.py"), "rb") as f:
-        assert (bundle_dir / NAME / "meddet" / "hub.py").read_bytes() == f.read()
+    with open(os.path.join(REPO, "meddet", "inference", "sliding_window.py"), "rb") as f:
+        assert (bundle_dir / NAME / "meddet" / "inference" / "sliding_window.py").read_bytes() == f.read()
+    assert not (bundle_dir / NAME / "meddet" / "hub.py").exists()  # the downloader is not vendored
 
 
 def test_a_flipped_byte_is_refused_before_anything_is_extracted(tmp_path):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -42,16 +41,15 @@ pytest.importorskip(
     "(bash tools/monailabel_test.sh)",
 )
 
-from monai.bundle import ConfigParser  # noqa: E402
-from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
-from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
-from monailabel.utils.others.detection import create_slicer_detection_json  # noqa: E402
+from monai.bundle import ConfigParser
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.detection import create_slicer_detection_json
 
-from meddet.data.boxes import boxes_voxel_to_world  # noqa: E402
+from meddet.data.boxes import boxes_voxel_to_world
+from monailabel_app import prepare_app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from monailabel_app import prepare_app  # noqa: E402
 # training: one bundle per detector family (the pre-trained variants share their family's configs and need their
 # encoder checkpoint to start); inference: every detection bundle
 BUNDLES = ["retinaunet_resencl_scratch_detection", "retinaunet_nndet_scratch_detection",

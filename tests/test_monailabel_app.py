@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -14,9 +13,9 @@ import pytest
 
 from meddet.data.boxes import boxes_voxel_to_world
 
+from monailabel_app import detection_bundles, prepare_app, render, roi_voxel_boxes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from monailabel_app import detection_bundles, prepare_app, render, roi_voxel_boxes  # noqa: E402
 
 RETINA, DETR = "retinaunet_resencl_mae_detection", "defdetr_resencl_scratch_detection"
 

@@ -32,14 +32,13 @@ pytest.importorskip(
     reason="MONAI Label is not installed here: it needs numpy<2 and runs in its own virtualenv "
     "(bash tools/monailabel_test.sh)",
 )
-import requests  # noqa: E402  (a MONAI Label dependency)
-from monai.bundle import run as bundle_run  # noqa: E402
+import requests  # a MONAI Label dependency
+from monai.bundle import run as bundle_run
 
-from test_monailabel import DETECTION_BUNDLES, SPACING, _synthetic_image, copy_with_random_weights  # noqa: E402
+from test_monailabel import DETECTION_BUNDLES, SPACING, _synthetic_image, copy_with_random_weights
+from monailabel_app import prepare_app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from monailabel_app import prepare_app  # noqa: E402
 
 TRAINED = "retinaunet_resencl_scratch_detection"
 DETECTIONS = 5

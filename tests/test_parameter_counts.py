@@ -10,7 +10,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from bundle_helpers import REPO, bundle_dir
-from bundle_templates import PARAMETER_COUNTS
+from bundle_docs import PARAMETER_COUNTS
 from variants import VARIANTS
 
 

@@ -15,7 +15,7 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from bundle_helpers import REPO, bundle_dir, easy_dataset_with_plans, error_chain, run_bundle
+from bundle_helpers import bundle_dir, easy_dataset_with_plans, error_chain, run_bundle
 from meddet.data import DatalistError, load_datalist
 from meddet.pretraining import (
     MaskedReconstruction,
@@ -338,7 +338,6 @@ def test_two_process_gloo_pretraining(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_study_quick_writes_table_plot_and_rows(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
     import pretraining_study
 
     result = pretraining_study.study(str(tmp_path / "study"), quick=True)

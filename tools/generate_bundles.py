@@ -16,12 +16,33 @@ import sys
 
 import fire
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bundle_templates  # noqa: E402
-import pretraining_templates  # noqa: E402
-from variants import VARIANTS  # noqa: E402
+import bundle_templates as configs
+import pretraining_templates
+from bundle_docs import metadata, readme
+from bundle_files import APACHE_NOTICE, LOGGING_CONF, large_files
+from variants import VARIANTS
 
-TEMPLATES = {"detection": bundle_templates, "pretraining": pretraining_templates}
+
+def render_detection(variant: dict) -> dict:
+    """Relative path -> content (dict/list for JSON, str for text) of every generated file of a detection bundle."""
+    files = {
+        "configs/metadata.json": metadata(variant),
+        "configs/train.json": configs.train_config(variant),
+        "configs/evaluate.json": configs.evaluate_config(variant),
+        "configs/inference.json": configs.inference_config(variant),
+        "configs/multi_gpu_train.json": configs.multi_gpu_config(variant),
+        "configs/smoke.json": configs.smoke_config(variant),
+        "configs/logging.conf": LOGGING_CONF,
+        "docs/README.md": readme(variant),
+        "LICENSE": APACHE_NOTICE.format(year=2026, weights_note=""),
+    }
+    weights = large_files(configs.pretraining(variant))
+    if weights:
+        files["large_files.yml"] = weights
+    return files
+
+
+RENDERERS = {"detection": render_detection, "pretraining": pretraining_templates.render}
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +50,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def render_variant(variant: dict) -> dict[str, str]:
     """Relative path -> file content for one variant."""
     files = {}
-    for relative, content in TEMPLATES[variant["kind"]].render(variant).items():
+    for relative, content in RENDERERS[variant["kind"]](variant).items():
         files[relative] = json.dumps(content, indent=4) + "\n" if isinstance(content, (dict, list)) else content
     return files
 

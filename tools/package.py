@@ -4,8 +4,8 @@
     python tools/package.py --check                           # exit 1 when a bundle changed without a version bump
 
 Archive layout (what `python -m monai.bundle download --url` and `python -m meddet.hub download` extract):
-every member sits under `<name>/`, and the bundle carries a copy of the `meddet` package (`*.py` files only) at
-`<name>/meddet/`, so `python -m monai.bundle run ...` started in the extracted folder imports that copy first
+every member sits under `<name>/`, and the bundle carries a copy of the `meddet` package (`*.py` files only, the
+downloader `meddet/hub.py` left out) at `<name>/meddet/`, so `python -m monai.bundle run ...` started in the extracted folder imports that copy first
 (`python -m` puts the current folder at the front of `sys.path`). Never packed: `models/`, `eval/`, the files
 listed in `large_files.yml`, `__pycache__/`, compiled and hidden files.
 
@@ -55,6 +55,8 @@ MEDDET_DIR = os.path.join(REPO_ROOT, "meddet")
 INDEX_PATH = os.path.join(REPO_ROOT, "bundle_index.json")
 
 # Where the released zips are downloaded from (a GitHub release of the collection's repository).
+# distribution code: it fetches bundles, a bundle never runs it
+NOT_VENDORED = frozenset({"hub.py"})
 DEFAULT_BASE_URL = "https://github.com/meddet/meddet/releases/download/bundles"
 BASE_URL_ENV = "MEDDET_BUNDLE_BASE_URL"
 
@@ -127,7 +129,7 @@ def bundle_members(bundle_path: str, meddet_dir: str = MEDDET_DIR) -> list[tuple
     if not os.path.isfile(os.path.join(meddet_dir, "__init__.py")):
         raise FileNotFoundError(f"{meddet_dir}: not the meddet package (no __init__.py)")
     for relative in _files_under(meddet_dir):
-        if relative.endswith(".py"):
+        if relative.endswith(".py") and relative not in NOT_VENDORED:
             members.append((f"{name}/meddet/{relative}", os.path.join(meddet_dir, relative)))
     for member, source in members:
         if os.path.islink(source):

@@ -27,20 +27,19 @@ import csv
 import json
 import os
 import platform
-import sys
 import time
 
 import fire
 import numpy as np
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plan as planning  # noqa: E402
+import plan as planning
 
-from meddet.data import load_datalist, write_datalist  # noqa: E402
-from meddet.data.synthetic import generate_dataset  # noqa: E402
-from meddet.metrics.bootstrap import bootstrap_mean_ci  # noqa: E402
+from meddet.data import load_datalist, write_datalist
+from meddet.data.synthetic import generate_dataset
+from meddet.metrics.bootstrap import bootstrap_mean_ci
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ARMS = ("scratch", "mae", "simclr")
 METRICS = {"AP@0.1": "AP_IoU_0.10_MaxDet_100", "mAP@[0.1:0.5]": "mAP_IoU_0.10_0.50_0.05_MaxDet_100",

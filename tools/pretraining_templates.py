@@ -7,6 +7,7 @@ evaluate.json alike.
 
 from __future__ import annotations
 
+import bundle_files
 import bundle_templates as common
 from variants import FAMILIES, PAPER, PRETRAINING_METHODS, PRETRAINING_RECIPE
 
@@ -200,7 +201,7 @@ def metadata(variant: dict) -> dict:
                                   "spatial_shape": spec["settings"]["patch_size"], "dtype": "float32",
                                   "value_range": [], "is_patch_data": True,
                                   "channel_def": {"0": "reconstructed intensity"}}})
-    data = common.metadata_common(variant)
+    data = bundle_files.metadata_common(variant)
     data.update({
         "name": title(variant),
         "task": "self-supervised pre-training of a 3D encoder",
@@ -346,7 +347,7 @@ def render(variant: dict) -> dict:
         "configs/evaluate.json": evaluate_config(variant),
         "configs/multi_gpu_train.json": multi_gpu_config(variant),
         "configs/smoke.json": smoke_config(variant),
-        "configs/logging.conf": common.LOGGING_CONF,
+        "configs/logging.conf": bundle_files.LOGGING_CONF,
         "docs/README.md": readme(variant),
-        "LICENSE": common.APACHE_NOTICE.format(year=2026, weights_note=""),
+        "LICENSE": bundle_files.APACHE_NOTICE.format(year=2026, weights_note=""),
     }

@@ -21,11 +21,11 @@ import time
 
 import fire
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plan as planning  # noqa: E402
+import plan as planning
 
-from meddet.data.synthetic import generate_dataset  # noqa: E402
+from meddet.data.synthetic import generate_dataset
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bundle_command(bundle_dir: str, configs: list[str], **overrides) -> list[str]:

@@ -20,8 +20,7 @@ import time
 
 import fire
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quickstart import REPO_ROOT, run_quickstart  # noqa: E402
+from quickstart import REPO_ROOT, run_quickstart
 
 README = os.path.join(REPO_ROOT, "README.md")
 START, END = "<!-- measured -->", "<!-- /measured -->"

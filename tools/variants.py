@@ -302,7 +302,10 @@ _V040_DETECTION = ("meddet 0.4.0: the training crop draws MONAI's positive/negat
                    "feature_levels, n_heads, n_points), the names of the keys that set them")
 _V012_PRETRAINING = "meddet 0.4.0; this bundle computes the same as in 0.1.0"
 _V041_DETECTION = ("docs: served to MONAI Label / 3D Slicer through the collection's tools/monailabel_app.py (the "
-                   "viewer's LPS frame set in the served copy, no hand edits); computes the same as 0.4.0")
+                   "viewer's LPS frame set in the served copy, no hand edits); the vendored meddet copy leaves out the "
+                   "downloader (meddet/hub.py), which no bundle runs; computes the same as 0.4.0")
+_V013_PRETRAINING = ("the vendored meddet copy leaves out the downloader (meddet/hub.py), which no bundle runs; "
+                     "computes the same as 0.1.2")
 
 
 def _row(family: str, initialisation: str, changelog: dict, kind: str = "detection") -> dict:
@@ -320,8 +323,8 @@ def _detection(family: str, initialisation: str, first_release: str) -> dict:
 
 
 def _pretraining(method: str, first_release: str) -> dict:
-    return _row("resencl", method, {"0.1.0": first_release, "0.1.1": _V011_PRETRAINING, "0.1.2": _V012_PRETRAINING},
-                kind="pretraining")
+    return _row("resencl", method, {"0.1.0": first_release, "0.1.1": _V011_PRETRAINING, "0.1.2": _V012_PRETRAINING,
+                                    "0.1.3": _V013_PRETRAINING}, kind="pretraining")
 
 
 VARIANTS = [
