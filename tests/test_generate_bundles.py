@@ -117,3 +117,14 @@ def test_bundle_names_must_contain_detection():
     bad[0]["name"] = "retinaunet_resencl_scratch"
     with pytest.raises(ValueError, match="detection"):
         generate_bundles.render_all(bad)
+
+
+def test_the_readme_benchmark_table_is_rendered_from_the_measured_figures(tmp_path):
+    with open(os.path.join(REPO, "README.md")) as f:
+        committed = f.read()
+    assert generate_bundles.readme_with_benchmarks(REPO) == committed
+    (tmp_path / "README.md").write_text(committed.replace("| 21.4 patches/s |", "| 99.9 patches/s |"))
+    assert generate_bundles.readme_with_benchmarks(str(tmp_path)) == committed  # a hand edit is rendered away
+    (tmp_path / "README.md").write_text("# no table here\n")
+    with pytest.raises(ValueError, match="README.md: no <!-- benchmarks -->"):
+        generate_bundles.readme_with_benchmarks(str(tmp_path))

@@ -306,3 +306,32 @@ boxes are sent.
 
 Code and configuration: Apache-2.0 (see LICENSE).{weights_licence}
 """
+
+
+def benchmarks_table() -> str:
+    """The collection README's benchmark table (between `<!-- benchmarks -->` markers), from `MEASURED_SPEED`."""
+    speed = MEASURED_SPEED
+    loader, disk, monai = (speed[k] for k in ("loader_patches_per_s", "loader_disk_cache_patches_per_s",
+                                               "loader_monai_crop_patches_per_s"))
+    wbc, nms = speed["wbc_10k_s"]
+    rows = [
+        ("training input, 128^3 patches with every augmentation from a cached 450x450x190 CT, one worker",
+         f"{loader:.1f} patches/s", f"{monai:.2f} with MONAI's `RandCropBoxByPosNegLabeld`", f"{loader / monai:.1f}x"),
+        ("the same, volume memory-mapped from `--cache_dir` (page cache warm)", f"{disk:.1f} patches/s", "", ""),
+        (f"Retina U-Net ResEnc-L inference per {speed['zoo_volume']} volume, no TTA",
+         f"{speed['ours_inference_s']:.1f} s (4 windows)",
+         f"{speed['zoo_inference_s']:.1f} s, model zoo RetinaNet, one pass",
+         f"{speed['inference_vs_zoo_ratio']:.2f}x ({speed['inference_vs_zoo_ratio_before']:.2f}x before skipping the "
+         "segmentation branch and padding)"),
+        ("the same on a volume within one window (128x128x64)", "", "", f"{speed['one_window_vs_zoo_ratio']:.2f}x"),
+        ("mirror TTA (8 passes) per volume", "", "no TTA", f"{speed['tta_cost']:.1f}x"),
+        ("whole-volume inference vs the bare network forward over the same tiles (smoke networks)", "", "",
+         "{:.2f}x (Retina U-Net), {:.2f}x (DETR)".format(*speed["inference_vs_forward"])),
+        ("one training step vs a bare forward+backward (smoke networks)", "", "",
+         "{:.2f}x, {:.2f}x".format(*speed["train_step_vs_forward_backward"])),
+        ("weighted box clustering of 10k boxes", f"{wbc:.3f} s", f"{nms:.2f} s MONAI `non_max_suppression`",
+         f"{wbc / nms:.2f}x"),
+    ]
+    lines = ["| what | ours | baseline | ratio |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

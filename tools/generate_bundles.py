@@ -3,7 +3,8 @@
     python tools/generate_bundles.py            # (re)write bundles/<name>/ for every variant
     python tools/generate_bundles.py --check    # exit 1 when a committed bundle differs from the table
 
-Only the files rendered here are owned by the generator; `models/` (trained weights, downloaded
+Also renders the benchmark table of the collection README (between `<!-- benchmarks -->` markers) from the same
+table's measured figures. Only the files rendered here are owned by the generator; `models/` (trained weights, downloaded
 checkpoints) and `eval/` are left alone. The collection's `bundle_index.json` is written by `tools/package.py`
 (it holds the checksums of the packaged zips).
 """
@@ -18,7 +19,7 @@ import fire
 
 import bundle_templates as configs
 import pretraining_templates
-from bundle_docs import metadata, readme
+from bundle_docs import benchmarks_table, metadata, readme
 from bundle_files import APACHE_NOTICE, LOGGING_CONF, large_files
 from variants import VARIANTS
 
@@ -70,9 +71,27 @@ def render_all(variants=VARIANTS) -> dict[str, str]:
     return files
 
 
+BENCHMARKS = ("<!-- benchmarks -->", "<!-- /benchmarks -->")
+
+
+def readme_with_benchmarks(root: str = REPO_ROOT) -> str:
+    """The collection README with its benchmark table rendered from `variants.MEASURED_SPEED` (the figures the
+    bundle READMEs quote), so the two cannot drift apart."""
+    path = os.path.join(root, "README.md")
+    with open(path) as f:
+        text = f.read()
+    start, end = (text.find(marker) for marker in BENCHMARKS)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no {BENCHMARKS[0]} ... {BENCHMARKS[1]} block for the benchmark table")
+    return text[:start + len(BENCHMARKS[0])] + "\n" + benchmarks_table() + "\n" + text[end:]
+
+
 def differences(root: str = REPO_ROOT, variants=VARIANTS) -> list[str]:
     """Paths whose committed content differs from the rendering (missing files included)."""
     stale = []
+    with open(os.path.join(root, "README.md")) as f:
+        if f.read() != readme_with_benchmarks(root):
+            stale.append("README.md (benchmark table differs)")
     for relative, content in render_all(variants).items():
         path = os.path.join(root, relative)
         if not os.path.exists(path):
@@ -93,6 +112,9 @@ def main(check: bool = False, root: str = REPO_ROOT) -> None:
             sys.exit(1)
         print(f"{len(VARIANTS)} bundles match the variant table")
         return
+    readme = readme_with_benchmarks(root)
+    with open(os.path.join(root, "README.md"), "w") as f:
+        f.write(readme)
     for relative, content in render_all().items():
         path = os.path.join(root, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -264,12 +264,17 @@ MEASURED_SPEED = {
     "loader_disk_cache_patches_per_s": 18.7,  # the same, memory-mapped from cache_dir (page cache warm)
     "loader_monai_crop_patches_per_s": 1.09,  # the same chain with MONAI's RandCropBoxByPosNegLabeld
     "zoo_volume": "192x192x96",
-    "inference_vs_zoo_ratio": 1.05,  # Retina U-Net ResEnc-L, no TTA, beside the model zoo RetinaNet (44.3 s, 42.1 s)
+    "ours_inference_s": 44.3,  # Retina U-Net ResEnc-L, no TTA, 4 windows
+    "zoo_inference_s": 42.1,  # the model zoo RetinaNet, the whole volume in one pass
+    "inference_vs_zoo_ratio": 1.05,
     # the same with 0.3.x inference (padded windows, segmentation computed): 79.6 s vs 41.5 s, in one run where the
     # current inference measured 1.03x
     "inference_vs_zoo_ratio_before": 1.92,
     "one_window_vs_zoo_ratio": 0.57,  # on 128x128x64, one window
     "tta_cost": 7.9,  # 8 mirror passes / 1, per volume (128x128x64, full network: 56.4 s vs 7.1 s)
+    "inference_vs_forward": (1.03, 1.11),  # smoke Retina U-Net, DETR: whole-volume inference / bare forward
+    "train_step_vs_forward_backward": (1.05, 1.02),  # smoke Retina U-Net, DETR
+    "wbc_10k_s": (0.054, 0.53),  # weighted box clustering of 10k boxes, MONAI non_max_suppression
     "whole_volume_ap": (0.975, 0.559),  # smoke model's AP@0.1: patch-size tiles, whole-volume windows
     "overlap_025_ap": 0.884,  # the same model, patch-size tiles at sw_overlap 0.25
     "grown_window_ap": 0.655,  # the same model, a window stretched over any axis up to 1.25x the patch
