@@ -70,6 +70,10 @@ def title(variant: dict) -> str:
 
 
 def network_def(variant: dict) -> dict:
+    # The one place where names change between layers, on purpose: the top-level keys say which part they size
+    # (`encoder_*`, shared with plans and overrides), the constructors keep dynamic-network-architectures' names,
+    # which the released checkpoints' architecture settings use too (`features_per_stage`, `strides`,
+    # `blocks_per_stage`); every other key has one name from the JSON down.
     spec = family(variant)
     config = {
         "_target_": spec["network_factory"],
