@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 
 import fire
 import numpy as np
 from monai.bundle import ConfigParser
+from package import large_files
+
+from meddet.data.boxes import boxes_world_to_voxel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monailabel_app_main.py")
@@ -120,13 +122,9 @@ def _missing_weights(bundle_root: str) -> list[str]:
         return []
     problems = [f"no models/model.pt yet: inference answers 'Model Path ... does not exist' until it is there "
                 f"(copy the fine-tuned model.pt to {weights}, or train from the viewer)"]
-    manifest = os.path.join(bundle_root, "large_files.yml")
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            paths = re.findall(r"path:\s*\"?([^\"\n]+)\"?", f.read())
-        if any(not os.path.isfile(os.path.join(bundle_root, path.strip())) for path in paths):
-            problems.append("training from the viewer starts from the released encoder: fetch it first with "
-                            f"python -m monai.bundle download_large_files --bundle_path {bundle_root}")
+    if any(not os.path.isfile(os.path.join(bundle_root, path)) for path in large_files(bundle_root)):
+        problems.append("training from the viewer starts from the released encoder: fetch it first with "
+                        f"python -m monai.bundle download_large_files --bundle_path {bundle_root}")
     return problems
 
 
@@ -175,8 +173,6 @@ def roi_boxes_lps(rois: str) -> np.ndarray:
 
 def roi_voxel_boxes(rois: str, affine) -> np.ndarray:
     """A ROI JSON's boxes as voxel `xyzxyz` boxes of the scan with this (RAS, as MONAI loads it) affine."""
-    from meddet.data.boxes import boxes_world_to_voxel
-
     return np.asarray(boxes_world_to_voxel(roi_boxes_lps(rois) * np.array([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]), affine))
 
 
@@ -188,8 +184,6 @@ def render(image: str, rois: str, out: str, ground_truth=None, panels: int = 3) 
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     from monai.transforms import LoadImage
-
-    from meddet.data.boxes import boxes_world_to_voxel
 
     volume = LoadImage(image_only=True)(image)
     affine = volume.affine.numpy()
