@@ -121,7 +121,8 @@ class NNDetEncoder(nn.Module):
         stages = []
         channels = self.in_channels
         for width, stride, kernel, n_convs in zip(self.output_channels, self.strides, kernels, convs):
-            blocks = [conv_norm_act(channels, width, kernel, as_triple(stride, "NNDetEncoder: each stride entry"), activation, conv_bias)]
+            stage_stride = as_triple(stride, "NNDetEncoder: each stride entry")
+            blocks = [conv_norm_act(channels, width, kernel, stage_stride, activation, conv_bias)]
             blocks += [
                 conv_norm_act(width, width, kernel, (1, 1, 1), activation, conv_bias) for _ in range(n_convs - 1)
             ]
@@ -138,17 +139,18 @@ class NNDetEncoder(nn.Module):
 
     @staticmethod
     def _kernels_per_stage(kernel_sizes, n_stages: int) -> List[Tuple[int, int, int]]:
+        what = "NNDetEncoder: each kernel_sizes entry"
         if isinstance(kernel_sizes, int):
-            return [as_triple(kernel_sizes, "NNDetEncoder: each kernel_sizes entry")] * n_stages
+            return [as_triple(kernel_sizes, what)] * n_stages
         entries = list(kernel_sizes)
         if all(isinstance(k, int) for k in entries) and len(entries) == 3 and n_stages != 3:
-            return [as_triple(entries, "NNDetEncoder: each kernel_sizes entry")] * n_stages  # one per-axis kernel for every stage
+            return [as_triple(entries, what)] * n_stages  # one per-axis kernel for every stage
         if len(entries) != n_stages:
             raise ValueError(
                 f"NNDetEncoder: kernel_sizes has {len(entries)} entries but there are {n_stages} stages; give one "
                 "kernel for all stages or one per stage"
             )
-        return [as_triple(k, "NNDetEncoder: each kernel_sizes entry") for k in entries]
+        return [as_triple(k, what) for k in entries]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features = []
