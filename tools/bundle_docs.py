@@ -184,8 +184,8 @@ def _speed_text(variant: dict) -> str:
             f"rejected: on the synthetic benchmark the smoke model's AP@0.1 ({speed['whole_volume_ap'][0]:.3f} with "
             f"patch-size windows at overlap 0.5) fell to {speed['overlap_025_ap']:.3f} at overlap 0.25, to "
             f"{speed['grown_window_ap']:.3f} with windows stretched to cover axes up to 1.25x the patch, and to "
-            f"{speed['whole_volume_ap'][1]:.3f} with whole-volume windows: a network trained on patches finds more "
-            "false positives in windows larger than them (its instance normalisation sees other statistics).")
+            f"{speed['whole_volume_ap'][1]:.3f} with whole-volume windows (in windows larger than its 32^3 training "
+            "patches it scored false positives above the lesions).")
     lines.append(
         f"- Mirror TTA (`tta_mirror_axes`, default `[0, 1, 2]`) runs 8 passes per window: {speed['tta_cost']:.1f}x "
         "the time per volume of `--tta_mirror_axes \"[]\"`.")
